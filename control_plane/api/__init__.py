@@ -1,0 +1,1 @@
+"""gRPC servicers: thin adapters from protobuf to the job queue and back."""

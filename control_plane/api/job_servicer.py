@@ -1,0 +1,108 @@
+"""JobService: submit, read, cancel and follow jobs."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from ias.v1 import job_service_pb2 as jpb
+from ias.v1 import job_service_pb2_grpc as jpb_grpc
+from ias.v1 import worker_service_pb2 as wpb
+
+from control_plane.api import convert
+from control_plane.api.status import streaming, unary
+from control_plane.auth.tokens import current_principal
+from control_plane.dispatch.sessions import SessionRegistry
+from control_plane.domain.jobs import JobStatus
+from control_plane.events.hub import EventHub
+from control_plane.queue import JobQueue, NewJob
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+
+class JobServicer(jpb_grpc.JobServiceServicer):
+    """Thin adapter from JobService to the job queue."""
+
+    def __init__(self, *, queue: JobQueue, hub: EventHub, sessions: SessionRegistry) -> None:
+        self._queue = queue
+        self._hub = hub
+        self._sessions = sessions
+
+    @unary
+    async def SubmitJob(self, request: jpb.SubmitJobRequest, context: Ctx) -> jpb.SubmitJobResponse:
+        job, existing = await self._queue.submit(
+            workspace_id=current_principal.get().workspace_id,
+            new=NewJob(
+                type=request.type,
+                repo_id=request.repo_id,
+                payload_json=request.payload_json,
+                priority=request.priority,
+                max_attempts=request.max_attempts,
+                idempotency_key=request.idempotency_key,
+                run_id=request.run_id,
+            ),
+        )
+        return jpb.SubmitJobResponse(job=convert.job_to_pb(job), existing=existing)
+
+    @unary
+    async def GetJob(self, request: jpb.GetJobRequest, context: Ctx) -> jpb.GetJobResponse:
+        job = await self._queue.get(workspace_id=current_principal.get().workspace_id, job_id=request.job_id)
+        return jpb.GetJobResponse(job=convert.job_to_pb(job))
+
+    @unary
+    async def ListJobs(self, request: jpb.ListJobsRequest, context: Ctx) -> jpb.ListJobsResponse:
+        jobs = await self._queue.list_jobs(
+            workspace_id=current_principal.get().workspace_id,
+            status=convert.status_from_pb(request.status, field="status", allow_unspecified=True),
+            job_type=request.type,
+            limit=request.limit,
+            before_id=request.before_id,
+        )
+        return jpb.ListJobsResponse(jobs=[convert.job_to_pb(j) for j in jobs])
+
+    @unary
+    async def CancelJob(self, request: jpb.CancelJobRequest, context: Ctx) -> jpb.CancelJobResponse:
+        before, after = await self._queue.cancel(
+            workspace_id=current_principal.get().workspace_id,
+            job_id=request.job_id,
+            reason=request.reason or "cancelled",
+        )
+        if before.status is JobStatus.RUNNING:
+            tell_holder(self._sessions, before.id, before.lease_epoch)
+        return jpb.CancelJobResponse(job=convert.job_to_pb(after))
+
+    @streaming
+    async def WatchJob(
+        self, request: jpb.WatchJobRequest, context: Ctx
+    ) -> AsyncIterator[jpb.WatchJobResponse]:
+        workspace_id = current_principal.get().workspace_id
+        async with self._hub.subscribe(workspace_id) as live:
+            job = await self._queue.get(workspace_id=workspace_id, job_id=request.job_id)
+            payload = job.payload_json
+            yield jpb.WatchJobResponse(job=convert.job_to_pb(job))
+            if job.terminal:
+                return
+            last = job.updated_at
+            async for event in live:
+                if event.job is None or event.job.id != job.id or event.job.updated_at < last:
+                    continue
+                last = event.job.updated_at
+                pb = convert.job_to_pb(event.job)
+                pb.payload_json = payload
+                yield jpb.WatchJobResponse(job=pb)
+                if event.job.terminal:
+                    return
+        # The subscription overflowed: finish with the stored state rather than a gap.
+        job = await self._queue.get(workspace_id=workspace_id, job_id=request.job_id)
+        yield jpb.WatchJobResponse(job=convert.job_to_pb(job))
+
+
+def tell_holder(sessions: SessionRegistry, job_id: str, epoch: int) -> None:
+    """If a session on this replica runs the job, ask it to stop."""
+    holder = sessions.holder(job_id)
+    if holder is not None and holder.held.get(job_id) == epoch:
+        holder.send(
+            wpb.ConnectResponse(cancel=wpb.Cancel(job_id=job_id, lease_epoch=epoch, reason="cancelled"))
+        )
+        holder.drop(job_id)

@@ -1,0 +1,341 @@
+"""WorkerService.Connect: one bidirectional stream per worker session.
+
+The handler reads frames and answers them in order; a separate writer task drains the session's
+outbox, so the dispatcher and the maintenance loops can push frames without touching the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Final
+
+import grpc
+from ias.v1 import worker_service_pb2 as wpb
+from ias.v1 import worker_service_pb2_grpc as wpb_grpc
+
+from control_plane.api import convert
+from control_plane.api.status import code_for
+from control_plane.auth.tokens import current_principal
+from control_plane.config import ServerSettings
+from control_plane.dispatch.dispatcher import Dispatcher
+from control_plane.dispatch.maintenance import Maintenance, revoke
+from control_plane.dispatch.sessions import Eligibility, Session, SessionRegistry
+from control_plane.domain.jobs import OUTCOME_STATUSES, Job
+from control_plane.domain.workers import WorkerStatus
+from control_plane.errors import FailedPrecondition, IasError, InvalidArgument, NotFound
+from control_plane.ids import new_id
+from control_plane.queue import HeldLease, JobQueue, utcnow
+
+log = logging.getLogger(__name__)
+
+HELLO_TIMEOUT_S: Final = 10.0
+MAX_SLOTS: Final = 256
+Ctx = grpc.aio.ServicerContext[wpb.ConnectRequest, wpb.ConnectResponse]
+
+
+class WorkerServicer(wpb_grpc.WorkerServiceServicer):
+    """Serves worker sessions on this replica."""
+
+    def __init__(
+        self,
+        *,
+        queue: JobQueue,
+        sessions: SessionRegistry,
+        dispatcher: Dispatcher,
+        maintenance: Maintenance,
+        settings: ServerSettings,
+    ) -> None:
+        self._queue = queue
+        self._sessions = sessions
+        self._dispatcher = dispatcher
+        self._maintenance = maintenance
+        self._settings = settings
+        self.shutting_down = False
+
+    async def Connect(self, request_iterator: Any, context: Ctx) -> None:  # type: ignore[override]
+        try:
+            first: object = await asyncio.wait_for(context.read(), HELLO_TIMEOUT_S)
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no hello within 10 s")
+        if first is grpc.aio.EOF:
+            return
+        assert isinstance(first, wpb.ConnectRequest)
+        if first.WhichOneof("frame") != "hello":
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"the first frame must be a hello, got {first.WhichOneof('frame') or 'an empty frame'}",
+            )
+        try:
+            session = await self._open(first.hello)
+        except IasError as exc:
+            await context.abort(code_for(exc), exc.message)
+        writer = asyncio.create_task(self._write_loop(session, context), name=f"writer {session.id}")
+        reader = asyncio.create_task(self._read_loop(session, context), name=f"reader {session.id}")
+        try:
+            await asyncio.wait({writer, reader}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            session.close()
+            reader.cancel()
+            await asyncio.gather(writer, reader, return_exceptions=True)
+            await self._close(session)
+
+    async def _open(self, hello: wpb.Hello) -> Session:
+        _validate_hello(hello)
+        principal = current_principal.get()
+        session_id = new_id("ses")
+        worker, adopted = await self._queue.connect_worker(
+            workspace_id=principal.workspace_id,
+            name=hello.worker_name,
+            capabilities=list(hello.capabilities),
+            repo_ids=list(hello.repo_ids),
+            slots=hello.slots,
+            version=hello.version,
+            held=[HeldLease(h.job_id, h.lease_epoch) for h in hello.held_jobs],
+            session_id=session_id,
+        )
+        session = Session(
+            id=session_id,
+            worker_id=worker.id,
+            worker_name=worker.name,
+            eligibility=Eligibility(
+                workspace_id=worker.workspace_id,
+                types=frozenset(worker.capabilities),
+                repo_ids=frozenset(worker.repo_ids),
+            ),
+            slots=worker.slots,
+        )
+        for job in adopted:
+            assert job.lease_expires_at is not None
+            session.hold(job.id, job.lease_epoch, job.lease_expires_at)
+        fenced = self._sessions.add(session)
+        if fenced is not None:
+            fence_out(fenced)
+        settings = self._settings
+        session.send(
+            wpb.ConnectResponse(
+                welcome=wpb.Welcome(
+                    session_id=session_id,
+                    worker_id=worker.id,
+                    workspace_id=worker.workspace_id,
+                    heartbeat_interval=convert.duration(settings.heartbeat_interval),
+                    lease_ttl=convert.duration(settings.lease_ttl),
+                    reconnect_grace=convert.duration(settings.reconnect_grace),
+                    adopted_jobs=[wpb.HeldJob(job_id=j.id, lease_epoch=j.lease_epoch) for j in adopted],
+                )
+            )
+        )
+        kept = {j.id for j in adopted}
+        for held in hello.held_jobs:
+            if held.job_id not in kept:
+                revoke(session, held.job_id, held.lease_epoch, "not_adopted")
+        log.info("worker %s connected (session %s, %d job(s) adopted)", worker.name, session_id, len(adopted))
+        self._dispatcher.wake()
+        return session
+
+    async def _close(self, session: Session) -> None:
+        self._sessions.remove(session)
+        try:
+            await self._queue.set_worker_status(
+                worker_id=session.worker_id,
+                session_id=session.id,
+                status=WorkerStatus.OFFLINE,
+                reason="server_shutdown" if self.shutting_down else "stream_closed",
+            )
+        except IasError as exc:
+            log.warning("could not record worker %s offline: %s", session.worker_name, exc.message)
+        if session.held:
+            self._maintenance.sweep_soon(self._settings.reconnect_grace + self._settings.sweep_interval / 10)
+        log.info("worker %s disconnected (session %s)", session.worker_name, session.id)
+
+    async def _write_loop(self, session: Session, context: Ctx) -> None:
+        while True:
+            frame = await session.outbox.get()
+            if frame is None:
+                return
+            await context.write(frame)
+
+    async def _read_loop(self, session: Session, context: Ctx) -> None:
+        while not session.closed:
+            frame: object = await context.read()
+            if frame is grpc.aio.EOF:
+                return
+            assert isinstance(frame, wpb.ConnectRequest)
+            session.last_heard = time.monotonic()
+            await self._handle(session, frame)
+
+    async def _handle(self, session: Session, frame: wpb.ConnectRequest) -> None:
+        kind = frame.WhichOneof("frame")
+        try:
+            if kind == "heartbeat":
+                self._on_heartbeat(session, frame.heartbeat)
+            elif kind == "accept":
+                await self._on_accept(session, frame.accept)
+            elif kind == "progress":
+                _require_held(session, frame.progress.job_id, frame.progress.lease_epoch)
+                session.progress[frame.progress.job_id] = (
+                    frame.progress.lease_epoch,
+                    frame.progress.message[:500],
+                )
+            elif kind == "outcome":
+                await self._on_outcome(session, frame.outcome)
+            elif kind == "release":
+                await self._on_release(session, frame.release)
+            elif kind == "draining":
+                session.draining = True
+                await self._queue.set_worker_status(
+                    worker_id=session.worker_id,
+                    session_id=session.id,
+                    status=WorkerStatus.DRAINING,
+                    reason=frame.draining.reason[:200],
+                )
+            elif kind == "hello":
+                raise FailedPrecondition("hello was already sent on this stream")
+            elif kind == "decision_request":
+                session.send(
+                    _rejected(
+                        kind,
+                        frame.decision_request.job_id,
+                        grpc.StatusCode.UNIMPLEMENTED,
+                        "decision requests are not served by this control plane version",
+                    )
+                )
+            else:
+                raise InvalidArgument("frame", "empty frame: set exactly one frame kind")
+        except IasError as exc:
+            job_id = getattr(getattr(frame, kind, None), "job_id", "") if kind else ""
+            session.send(_rejected(kind or "", job_id, code_for(exc), exc.message, getattr(exc, "field", "")))
+
+    def _on_heartbeat(self, session: Session, beat: wpb.Heartbeat) -> None:
+        for held in beat.held_jobs:
+            if session.held.get(held.job_id) != held.lease_epoch:
+                # The worker runs something this session does not hold: stop it.
+                session.send(
+                    wpb.ConnectResponse(
+                        lease_revoked=wpb.LeaseRevoked(
+                            job_id=held.job_id, lease_epoch=held.lease_epoch, reason="not_held"
+                        )
+                    )
+                )
+        now = utcnow()
+        session.send(
+            wpb.ConnectResponse(
+                heartbeat_ack=wpb.HeartbeatAck(
+                    leases=[
+                        wpb.LeaseStanding(
+                            job_id=job_id,
+                            lease_epoch=epoch,
+                            remaining=convert.duration(session.lease_expires[job_id] - now),
+                        )
+                        for job_id, epoch in session.held.items()
+                    ]
+                )
+            )
+        )
+
+    async def _on_accept(self, session: Session, accept: wpb.Accept) -> None:
+        _require_held(session, accept.job_id, accept.lease_epoch)
+        if accept.accepted:
+            return
+        session.drop(accept.job_id)
+        await self._queue.release(
+            workspace_id=session.workspace_id,
+            worker_id=session.worker_id,
+            job_id=accept.job_id,
+            epoch=accept.lease_epoch,
+            reason=f"declined: {accept.reason}"[:200],
+        )
+
+    async def _on_outcome(self, session: Session, outcome: wpb.Outcome) -> None:
+        status = convert.status_from_pb(outcome.status, field="outcome.status")
+        if status not in OUTCOME_STATUSES:
+            raise InvalidArgument("outcome.status", "must be JOB_STATUS_DONE, _FAILED or _BLOCKED")
+        if not outcome.job_id:
+            raise InvalidArgument("outcome.job_id", "is required")
+        result = convert.result_from_pb(outcome.result)
+        try:
+            job, duplicate = await self._queue.record_outcome(
+                workspace_id=session.workspace_id,
+                worker_id=session.worker_id,
+                job_id=outcome.job_id,
+                epoch=outcome.lease_epoch,
+                status=status,
+                result=result,
+            )
+        except (FailedPrecondition, NotFound):
+            session.drop(outcome.job_id)
+            raise
+        session.drop(outcome.job_id)
+        session.send(
+            wpb.ConnectResponse(
+                outcome_ack=wpb.OutcomeAck(
+                    job_id=job.id, lease_epoch=outcome.lease_epoch, duplicate=duplicate
+                )
+            )
+        )
+        self._dispatcher.wake()
+        _log_finished(job, duplicate)
+
+    async def _on_release(self, session: Session, release: wpb.Release) -> None:
+        session.drop(release.job_id)
+        await self._queue.release(
+            workspace_id=session.workspace_id,
+            worker_id=session.worker_id,
+            job_id=release.job_id,
+            epoch=release.lease_epoch,
+            reason=release.reason[:200] or "released",
+        )
+        session.send(
+            wpb.ConnectResponse(
+                outcome_ack=wpb.OutcomeAck(job_id=release.job_id, lease_epoch=release.lease_epoch)
+            )
+        )
+        self._dispatcher.wake()
+
+
+def fence_out(session: Session) -> None:
+    """End a session replaced by a newer one of the same worker."""
+    session.send(wpb.ConnectResponse(drain=wpb.Drain(reason="session_replaced")))
+    session.close()
+
+
+def _require_held(session: Session, job_id: str, epoch: int) -> None:
+    if not job_id:
+        raise InvalidArgument("job_id", "is required")
+    if session.held.get(job_id) != epoch:
+        raise FailedPrecondition(f"job {job_id} at lease epoch {epoch} is not held by this session")
+
+
+def _rejected(
+    frame: str, job_id: str, code: grpc.StatusCode, message: str, field: str = ""
+) -> wpb.ConnectResponse:
+    return wpb.ConnectResponse(
+        rejected=wpb.FrameRejected(
+            job_id=job_id, code=code.value[0], message=message, field=field, frame=frame
+        )
+    )
+
+
+def _validate_hello(hello: wpb.Hello) -> None:
+    if not hello.worker_name or len(hello.worker_name) > 200:
+        raise InvalidArgument("hello.worker_name", "must be 1-200 characters")
+    if not 1 <= hello.slots <= MAX_SLOTS:
+        raise InvalidArgument("hello.slots", f"must be between 1 and {MAX_SLOTS}")
+    if not hello.capabilities:
+        raise InvalidArgument("hello.capabilities", "must name at least one job type")
+    if len(hello.capabilities) > 256 or any(not c or len(c) > 64 for c in hello.capabilities):
+        raise InvalidArgument("hello.capabilities", "at most 256 job types of 1-64 characters")
+    if len(hello.repo_ids) > 10_000 or any(len(r) > 128 for r in hello.repo_ids):
+        raise InvalidArgument("hello.repo_ids", "at most 10000 ids of at most 128 characters")
+    if len(hello.held_jobs) > MAX_SLOTS * 4:
+        raise InvalidArgument("hello.held_jobs", "too many held jobs")
+
+
+def _log_finished(job: Job, duplicate: bool) -> None:
+    log.info(
+        "recorded outcome %s%s",
+        job.status,
+        " (replay)" if duplicate else "",
+        extra={"job_id": job.id, "attempt": job.attempt, "lease_epoch": job.lease_epoch},
+    )

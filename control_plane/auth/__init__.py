@@ -1,0 +1,1 @@
+"""Credentials: signed bearer tokens and the interceptor that checks them on every RPC."""

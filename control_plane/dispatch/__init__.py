@@ -1,0 +1,1 @@
+"""Live worker sessions on this replica and the push dispatch that feeds them."""

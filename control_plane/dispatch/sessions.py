@@ -1,0 +1,127 @@
+"""Worker sessions held in memory: liveness, leases held, free slots. No database write here."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from ias.v1 import worker_service_pb2 as wpb
+
+log = logging.getLogger(__name__)
+
+OUTBOX_SIZE = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Eligibility:
+    """What a session may be offered; sessions with equal eligibility are claimed for together."""
+
+    workspace_id: str
+    types: frozenset[str]
+    repo_ids: frozenset[str]
+
+
+@dataclass(eq=False, slots=True)
+class Session:
+    """One live Connect stream of a worker."""
+
+    id: str
+    worker_id: str
+    worker_name: str
+    eligibility: Eligibility
+    slots: int
+    outbox: asyncio.Queue[wpb.ConnectResponse | None] = field(
+        default_factory=lambda: asyncio.Queue(OUTBOX_SIZE)
+    )
+    held: dict[str, int] = field(default_factory=dict)  # job id → lease epoch
+    lease_expires: dict[str, datetime] = field(default_factory=dict)
+    progress: dict[str, tuple[int, str]] = field(default_factory=dict)  # unflushed, latest wins
+    draining: bool = False
+    closed: bool = False
+    last_heard: float = field(default_factory=time.monotonic)
+
+    @property
+    def workspace_id(self) -> str:
+        return self.eligibility.workspace_id
+
+    @property
+    def free(self) -> int:
+        if self.draining or self.closed:
+            return 0
+        return max(self.slots - len(self.held), 0)
+
+    def send(self, frame: wpb.ConnectResponse) -> bool:
+        """Queue a frame for the stream's writer; a session that cannot keep up is closed."""
+        if self.closed:
+            return False
+        try:
+            self.outbox.put_nowait(frame)
+            return True
+        except asyncio.QueueFull:
+            log.warning("worker %s is not reading its stream; closing the session", self.worker_name)
+            self.close()
+            return False
+
+    def close(self) -> None:
+        """End the session: the writer stops and the stream handler finishes."""
+        if not self.closed:
+            self.closed = True
+            try:
+                self.outbox.put_nowait(None)
+            except asyncio.QueueFull:
+                # Make room for the close marker: the frames left would never be read anyway.
+                self.outbox.get_nowait()
+                self.outbox.put_nowait(None)
+
+    def hold(self, job_id: str, epoch: int, expires: datetime) -> None:
+        self.held[job_id] = epoch
+        self.lease_expires[job_id] = expires
+
+    def drop(self, job_id: str) -> None:
+        self.held.pop(job_id, None)
+        self.lease_expires.pop(job_id, None)
+        self.progress.pop(job_id, None)
+
+
+class SessionRegistry:
+    """The sessions connected to this replica, by id and by worker."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[str, Session] = {}
+        self._by_worker: dict[str, Session] = {}
+
+    def add(self, session: Session) -> Session | None:
+        """Register ``session``; returns the session of the same worker it fences out, if any."""
+        old = self._by_worker.get(session.worker_id)
+        if old is not None:
+            self._by_id.pop(old.id, None)
+        self._by_id[session.id] = session
+        self._by_worker[session.worker_id] = session
+        return old
+
+    def remove(self, session: Session) -> None:
+        self._by_id.pop(session.id, None)
+        if self._by_worker.get(session.worker_id) is session:
+            del self._by_worker[session.worker_id]
+
+    def get(self, session_id: str) -> Session | None:
+        return self._by_id.get(session_id)
+
+    def for_worker(self, worker_id: str) -> Session | None:
+        return self._by_worker.get(worker_id)
+
+    def holder(self, job_id: str) -> Session | None:
+        for session in self._by_id.values():
+            if job_id in session.held:
+                return session
+        return None
+
+    def __iter__(self) -> Iterator[Session]:
+        return iter(list(self._by_id.values()))
+
+    def __len__(self) -> int:
+        return len(self._by_id)

@@ -1,0 +1,1 @@
+"""The control plane's pure core: job lifecycle, leases and fencing. No I/O, no clock, no gRPC."""

@@ -1,0 +1,1 @@
+"""In-process fan-out of a workspace's event log to Watch subscribers."""

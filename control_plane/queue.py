@@ -1,0 +1,452 @@
+"""The job queue's operations: each one a transaction that applies a domain decision, appends
+its events to the log, and hands them to live subscribers after commit."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+
+from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from control_plane.config import ServerSettings
+from control_plane.domain import jobs as jobs_domain
+from control_plane.domain.jobs import Job, JobResult, JobStatus
+from control_plane.domain.workers import Event, EventKind, Worker, WorkerStatus
+from control_plane.errors import InvalidArgument, NotFound, StaleLease
+from control_plane.events.hub import EventHub
+from control_plane.ids import new_id
+from control_plane.store import events as events_store
+from control_plane.store import jobs as jobs_store
+from control_plane.store import workers as workers_store
+from control_plane.store.db import Database
+from control_plane.store.events import Draft
+
+log = logging.getLogger(__name__)
+
+MAX_PAYLOAD_BYTES = 256 * 1024
+SESSIONS_CHANNEL = "ias_sessions"
+CANCEL_CHANNEL = "ias_cancel"
+_SWEEP_BATCH = 500
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Assignee:
+    """A worker session with a free slot, as the dispatcher offers it."""
+
+    worker_id: str
+    session_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class HeldLease:
+    """A (job, epoch) a worker says it holds."""
+
+    job_id: str
+    lease_epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    """A validated submission."""
+
+    type: str
+    repo_id: str = ""
+    payload_json: str = "{}"
+    priority: int = 0
+    max_attempts: int = 0
+    idempotency_key: str = ""
+    run_id: str = ""
+
+
+@dataclass(slots=True)
+class _Tx:
+    conn: AsyncConnection
+    now: datetime
+    drafts: dict[str, list[Draft]] = field(default_factory=lambda: defaultdict(list))
+    available: set[str] = field(default_factory=set)
+
+    def add(self, workspace_id: str, draft: Draft) -> None:
+        self.drafts[workspace_id].append(draft)
+
+
+class JobQueue:
+    """Every state change of jobs and workers goes through here."""
+
+    def __init__(
+        self,
+        *,
+        db: Database,
+        hub: EventHub,
+        settings: ServerSettings,
+        on_available: Callable[[str], None] = lambda _ws: None,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self._db = db
+        self._hub = hub
+        self._settings = settings
+        self._on_available = on_available
+        self._clock = clock
+
+    @property
+    def db(self) -> Database:
+        return self._db
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[_Tx]:
+        published: list[Event] = []
+        async with self._db.write() as conn:
+            tx = _Tx(conn=conn, now=self._clock())
+            yield tx
+            for workspace_id, drafts in tx.drafts.items():
+                published += await events_store.append(
+                    conn, workspace_id=workspace_id, drafts=drafts, now=tx.now, notify=not self._db.is_sqlite
+                )
+            if not self._db.is_sqlite:
+                for workspace_id in tx.available:
+                    await jobs_store.notify_available(conn, workspace_id=workspace_id)
+        self._hub.publish(published)
+        for workspace_id in tx.available:
+            self._on_available(workspace_id)
+
+    async def _notify(self, tx: _Tx, channel: str, payload: str) -> None:
+        if not self._db.is_sqlite:
+            await tx.conn.execute(text("SELECT pg_notify(:c, :p)"), {"c": channel, "p": payload})
+
+    # -- submissions and reads -------------------------------------------------------------
+
+    async def submit(self, *, workspace_id: str, new: NewJob) -> tuple[Job, bool]:
+        """Store a new job (or return the one with the same idempotency key)."""
+        _validate(new)
+        now = self._clock()
+        job = Job(
+            id=new_id("job"),
+            workspace_id=workspace_id,
+            type=new.type,
+            status=JobStatus.PENDING,
+            created_at=now,
+            updated_at=now,
+            repo_id=new.repo_id,
+            payload_json=new.payload_json or "{}",
+            priority=new.priority or jobs_domain.DEFAULT_PRIORITY,
+            max_attempts=new.max_attempts or jobs_domain.DEFAULT_MAX_ATTEMPTS,
+            run_id=new.run_id,
+            idempotency_key=new.idempotency_key,
+        )
+        try:
+            async with self._write() as tx:
+                if new.idempotency_key:
+                    existing = await jobs_store.by_idempotency_key(
+                        tx.conn, workspace_id=workspace_id, key=new.idempotency_key
+                    )
+                    if existing is not None:
+                        return existing, True
+                await jobs_store.insert_job(tx.conn, job=job)
+                tx.add(workspace_id, Draft(EventKind.JOB_SUBMITTED, job=job))
+                tx.available.add(workspace_id)
+        except IntegrityError:
+            # A concurrent submission with the same key won the race; return its job.
+            async with self._db.read() as conn:
+                existing = await jobs_store.by_idempotency_key(
+                    conn, workspace_id=workspace_id, key=new.idempotency_key
+                )
+            if existing is None:
+                raise
+            return existing, True
+        return job, False
+
+    async def get(self, *, workspace_id: str, job_id: str) -> Job:
+        async with self._db.read() as conn:
+            job = await jobs_store.get(conn, workspace_id=workspace_id, job_id=job_id)
+        return jobs_domain.require(job, job_id)
+
+    async def list_jobs(
+        self, *, workspace_id: str, status: JobStatus | None, job_type: str, limit: int, before_id: str
+    ) -> list[Job]:
+        if not 0 <= limit <= 1000:
+            raise InvalidArgument("limit", "must be between 1 and 1000")
+        async with self._db.read() as conn:
+            return await jobs_store.list_jobs(
+                conn,
+                workspace_id=workspace_id,
+                status=status,
+                job_type=job_type,
+                limit=limit or 100,
+                before_id=before_id,
+            )
+
+    async def list_workers(self, *, workspace_id: str, include_offline: bool) -> list[Worker]:
+        async with self._db.read() as conn:
+            return await workers_store.list_workers(
+                conn, workspace_id=workspace_id, include_offline=include_offline
+            )
+
+    async def events_since(self, workspace_id: str, after_seq: int) -> list[Event]:
+        async with self._db.read() as conn:
+            return await events_store.since(conn, workspace_id=workspace_id, after_seq=after_seq)
+
+    async def last_seq(self, workspace_id: str) -> int:
+        async with self._db.read() as conn:
+            return await events_store.last_seq(conn, workspace_id=workspace_id)
+
+    # -- the lease lifecycle ---------------------------------------------------------------
+
+    async def claim(
+        self,
+        *,
+        workspace_id: str,
+        types: Sequence[str],
+        repo_ids: Sequence[str],
+        assignees: Sequence[Assignee],
+    ) -> list[tuple[Job, Assignee]]:
+        """Atomically take up to one pending job per assignee, in priority order."""
+        ttl = self._settings.lease_ttl
+        async with self._write() as tx:
+            pending = await jobs_store.claimable(
+                tx.conn, workspace_id=workspace_id, types=types, repo_ids=repo_ids, limit=len(assignees)
+            )
+            claimed = []
+            for job, who in zip(pending, assignees, strict=False):
+                running = jobs_domain.assign(
+                    job, worker_id=who.worker_id, session_id=who.session_id, now=tx.now, ttl=ttl
+                )
+                await jobs_store.save(
+                    tx.conn, job=running, expect_status=job.status, expect_epoch=job.lease_epoch
+                )
+                tx.add(workspace_id, Draft(EventKind.JOB_ASSIGNED, job=running))
+                claimed.append((running, who))
+        return claimed
+
+    async def record_outcome(
+        self,
+        *,
+        workspace_id: str,
+        worker_id: str,
+        job_id: str,
+        epoch: int,
+        status: JobStatus,
+        result: JobResult,
+    ) -> tuple[Job, bool]:
+        """Apply a worker's outcome, fenced by ``epoch``; a replay returns ``duplicate=True``."""
+        async with self._write() as tx:
+            job = jobs_domain.require(
+                await jobs_store.get(tx.conn, workspace_id=workspace_id, job_id=job_id, lock=True), job_id
+            )
+            if job.worker_id != worker_id:
+                raise StaleLease(f"job {job_id} is not held by this worker")
+            if jobs_domain.is_recorded_outcome(job, epoch=epoch, status=status):
+                return job, True
+            done = jobs_domain.finish(job, epoch=epoch, status=status, result=result, now=tx.now)
+            await jobs_store.save(tx.conn, job=done, expect_status=job.status, expect_epoch=epoch)
+            if done.status is JobStatus.PENDING:
+                tx.add(workspace_id, Draft(EventKind.JOB_REQUEUED, job=done, reason="retryable_failure"))
+                tx.available.add(workspace_id)
+            else:
+                tx.add(workspace_id, Draft(EventKind.JOB_FINISHED, job=done))
+        return done, False
+
+    async def release(
+        self, *, workspace_id: str, worker_id: str, job_id: str, epoch: int, reason: str
+    ) -> Job:
+        """Put a job back in the queue without using up an attempt."""
+        async with self._write() as tx:
+            job = jobs_domain.require(
+                await jobs_store.get(tx.conn, workspace_id=workspace_id, job_id=job_id, lock=True), job_id
+            )
+            if job.worker_id != worker_id:
+                raise StaleLease(f"job {job_id} is not held by this worker")
+            released = jobs_domain.release(job, epoch=epoch, now=tx.now)
+            await jobs_store.save(tx.conn, job=released, expect_status=job.status, expect_epoch=epoch)
+            tx.add(workspace_id, Draft(EventKind.JOB_REQUEUED, job=released, reason=reason or "released"))
+            tx.available.add(workspace_id)
+        return released
+
+    async def cancel(self, *, workspace_id: str, job_id: str, reason: str) -> tuple[Job, Job]:
+        """Cancel an unfinished job; returns (before, after) so a running holder can be told."""
+        async with self._write() as tx:
+            job = jobs_domain.require(
+                await jobs_store.get(tx.conn, workspace_id=workspace_id, job_id=job_id, lock=True), job_id
+            )
+            cancelled = jobs_domain.cancel(job, now=tx.now)
+            await jobs_store.save(
+                tx.conn, job=cancelled, expect_status=job.status, expect_epoch=job.lease_epoch
+            )
+            tx.add(workspace_id, Draft(EventKind.JOB_CANCELLED, job=cancelled, reason=reason[:200]))
+            if job.status is JobStatus.RUNNING:
+                await self._notify(tx, CANCEL_CHANNEL, f"{job.id}:{job.lease_epoch}")
+        return job, cancelled
+
+    async def record_progress(self, *, updates: Sequence[tuple[str, str, int, str]]) -> None:
+        """Persist the latest progress of several jobs: (workspace, job id, epoch, message)."""
+        async with self._write() as tx:
+            for workspace_id, job_id, epoch, message in updates:
+                job = await jobs_store.get(tx.conn, workspace_id=workspace_id, job_id=job_id)
+                if job is None or job.status is not JobStatus.RUNNING or job.lease_epoch != epoch:
+                    continue
+                moved = replace(job, progress=message[:500], updated_at=tx.now)
+                await jobs_store.save(tx.conn, job=moved, expect_status=job.status, expect_epoch=epoch)
+                tx.add(workspace_id, Draft(EventKind.JOB_PROGRESS, job=moved))
+
+    async def renew(self, *, session_ids: Sequence[str]) -> tuple[list[tuple[str, str, int]], datetime]:
+        """Persist fresh leases for every running job of the live sessions (one write per batch)."""
+        async with self._write() as tx:
+            expires = tx.now + self._settings.lease_ttl
+            renewed = await jobs_store.renew(tx.conn, session_ids=session_ids, expires_at=expires)
+        return renewed, expires
+
+    async def sweep(self) -> int:
+        """Requeue jobs whose lease expired or whose worker is gone; returns how many moved."""
+        grace = self._settings.reconnect_grace
+        async with self._write() as tx:
+            for worker in await workers_store.strand_dead_replicas(tx.conn, now=tx.now, grace=grace):
+                tx.add(
+                    worker.workspace_id,
+                    Draft(EventKind.WORKER_DISCONNECTED, worker=worker, reason="replica_lost"),
+                )
+            moved = 0
+            for reason, stale in (
+                ("lease_expired", await jobs_store.expired(tx.conn, now=tx.now, limit=_SWEEP_BATCH)),
+                (
+                    "worker_lost",
+                    await jobs_store.orphaned(tx.conn, now=tx.now, grace=grace, limit=_SWEEP_BATCH),
+                ),
+            ):
+                for job in stale:
+                    moved += await self._requeue(tx, job, reason)
+        return moved
+
+    async def _requeue(self, tx: _Tx, job: Job, reason: str) -> int:
+        if job.status is not JobStatus.RUNNING:
+            return 0
+        after = jobs_domain.requeue(job, now=tx.now, reason=reason)
+        if not await jobs_store.save(
+            tx.conn, job=after, expect_status=job.status, expect_epoch=job.lease_epoch
+        ):
+            return 0
+        if after.status is JobStatus.PENDING:
+            tx.add(job.workspace_id, Draft(EventKind.JOB_REQUEUED, job=after, reason=reason))
+            tx.available.add(job.workspace_id)
+        else:
+            tx.add(job.workspace_id, Draft(EventKind.JOB_FINISHED, job=after, reason=reason))
+        log.info(
+            "requeued job",
+            extra={
+                "job_id": job.id,
+                "attempt": job.attempt,
+                "lease_epoch": job.lease_epoch,
+                "reason": reason,
+            },
+        )
+        return 1
+
+    # -- worker sessions -------------------------------------------------------------------
+
+    async def connect_worker(
+        self,
+        *,
+        workspace_id: str,
+        name: str,
+        capabilities: Sequence[str],
+        repo_ids: Sequence[str],
+        slots: int,
+        version: str,
+        held: Sequence[HeldLease],
+        session_id: str,
+    ) -> tuple[Worker, list[Job]]:
+        """Start a session: adopt the jobs the worker still runs, requeue the ones it lost."""
+        held_epochs = {h.job_id: h.lease_epoch for h in held}
+        async with self._write() as tx:
+            worker = await workers_store.connect(
+                tx.conn,
+                worker_id=new_id("wrk"),
+                workspace_id=workspace_id,
+                name=name,
+                capabilities=capabilities,
+                repo_ids=repo_ids,
+                slots=slots,
+                version=version,
+                session_id=session_id,
+                replica_id=self._settings.replica_id,
+                now=tx.now,
+            )
+            adopted = []
+            for job in await jobs_store.held_by_worker(tx.conn, worker_id=worker.id):
+                if held_epochs.get(job.id) == job.lease_epoch:
+                    kept = replace(
+                        job,
+                        session_id=session_id,
+                        lease_expires_at=tx.now + self._settings.lease_ttl,
+                        updated_at=tx.now,
+                    )
+                    await jobs_store.save(
+                        tx.conn, job=kept, expect_status=job.status, expect_epoch=job.lease_epoch
+                    )
+                    adopted.append(kept)
+                else:
+                    await self._requeue(tx, job, "worker_restarted")
+            tx.add(workspace_id, Draft(EventKind.WORKER_CONNECTED, worker=worker))
+            await self._notify(tx, SESSIONS_CHANNEL, f"{worker.id}:{session_id}")
+        return worker, adopted
+
+    async def set_worker_status(
+        self, *, worker_id: str, session_id: str, status: WorkerStatus, reason: str = ""
+    ) -> None:
+        """Record that a session went offline or started draining (no-op if it was replaced)."""
+        async with self._write() as tx:
+            worker = await workers_store.set_status(
+                tx.conn, worker_id=worker_id, session_id=session_id, status=status, now=tx.now
+            )
+            if worker is not None:
+                kind = (
+                    EventKind.WORKER_DISCONNECTED
+                    if status is WorkerStatus.OFFLINE
+                    else EventKind.WORKER_CONNECTED
+                )
+                tx.add(worker.workspace_id, Draft(kind, worker=worker, reason=reason))
+
+    async def touch_replica(self) -> None:
+        async with self._write() as tx:
+            await workers_store.touch_replica(tx.conn, replica_id=self._settings.replica_id, now=tx.now)
+
+    async def ensure_workspace(self, workspace_id: str) -> None:
+        async with self._write() as tx:
+            await events_store.ensure_workspace(tx.conn, workspace_id=workspace_id, now=tx.now)
+
+    async def require_workspace(self, workspace_id: str) -> None:
+        async with self._db.read() as conn:
+            if not await events_store.workspace_exists(conn, workspace_id=workspace_id):
+                raise NotFound(f"workspace {workspace_id} not found")
+
+
+def _validate(new: NewJob) -> None:
+    if not new.type or len(new.type) > 64 or not all(c.isalnum() or c in "_-." for c in new.type):
+        raise InvalidArgument("type", "must be 1-64 letters, digits, '_', '-' or '.'")
+    if len(new.repo_id) > 128:
+        raise InvalidArgument("repo_id", "must be at most 128 characters")
+    if len(new.payload_json.encode()) > MAX_PAYLOAD_BYTES:
+        raise InvalidArgument("payload_json", f"must be at most {MAX_PAYLOAD_BYTES} bytes")
+    if new.payload_json:
+        try:
+            payload = json.loads(new.payload_json)
+        except ValueError as exc:
+            raise InvalidArgument("payload_json", f"is not valid JSON ({exc})") from exc
+        if not isinstance(payload, dict):
+            raise InvalidArgument("payload_json", "must be a JSON object")
+    if not 0 <= new.priority <= 1000:
+        raise InvalidArgument("priority", "must be between 0 and 1000")
+    if not 0 <= new.max_attempts <= 100:
+        raise InvalidArgument("max_attempts", "must be between 0 and 100")
+    if len(new.idempotency_key) > 200:
+        raise InvalidArgument("idempotency_key", "must be at most 200 characters")
+    if len(new.run_id) > 64:
+        raise InvalidArgument("run_id", "must be at most 64 characters")

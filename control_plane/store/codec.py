@@ -1,0 +1,162 @@
+"""Rows to domain values and back; the JSON shapes stored in text columns."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict
+from datetime import datetime
+from typing import Any
+
+from control_plane.domain.jobs import Job, JobResult, JobStatus
+from control_plane.domain.workers import Event, EventKind, Worker, WorkerStatus
+
+
+def result_to_json(result: JobResult | None) -> str:
+    if result is None:
+        return ""
+    data = asdict(result)
+    data["changed_paths"] = list(result.changed_paths)
+    data["counts"] = dict(result.counts)
+    return json.dumps({k: v for k, v in data.items() if v}, separators=(",", ":"))
+
+
+def result_from_json(text: str) -> JobResult | None:
+    if not text:
+        return None
+    data = json.loads(text)
+    data["changed_paths"] = tuple(data.get("changed_paths", ()))
+    return JobResult(**data)
+
+
+def job_from_row(row: Mapping[Any, Any]) -> Job:
+    return Job(
+        id=row["id"],
+        workspace_id=row["workspace_id"],
+        type=row["type"],
+        status=JobStatus(row["status"]),
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        repo_id=row["repo_id"],
+        payload_json=row["payload_json"],
+        priority=row["priority"],
+        attempt=row["attempt"],
+        max_attempts=row["max_attempts"],
+        lease_epoch=row["lease_epoch"],
+        worker_id=row["worker_id"],
+        session_id=row["session_id"],
+        lease_expires_at=row["lease_expires_at"],
+        finished_at=row["finished_at"],
+        progress=row["progress"],
+        result=result_from_json(row["result_json"]),
+        run_id=row["run_id"],
+        idempotency_key=row["idempotency_key"] or "",
+    )
+
+
+def job_to_row(job: Job) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "workspace_id": job.workspace_id,
+        "type": job.type,
+        "repo_id": job.repo_id,
+        "payload_json": job.payload_json,
+        "status": job.status.value,
+        "priority": job.priority,
+        "attempt": job.attempt,
+        "max_attempts": job.max_attempts,
+        "lease_epoch": job.lease_epoch,
+        "worker_id": job.worker_id,
+        "session_id": job.session_id,
+        "lease_expires_at": job.lease_expires_at,
+        "created_at": job.created_at,
+        "updated_at": job.updated_at,
+        "finished_at": job.finished_at,
+        "progress": job.progress[:500],
+        "result_json": result_to_json(job.result),
+        "run_id": job.run_id,
+        "idempotency_key": job.idempotency_key or None,
+    }
+
+
+def worker_from_row(row: Mapping[Any, Any], *, running: int = 0) -> Worker:
+    return Worker(
+        id=row["id"],
+        workspace_id=row["workspace_id"],
+        name=row["name"],
+        status=WorkerStatus(row["status"]),
+        capabilities=tuple(json.loads(row["capabilities"])),
+        repo_ids=tuple(json.loads(row["repo_ids"])),
+        slots=row["slots"],
+        running=running,
+        version=row["version"],
+        session_id=row["session_id"],
+        connected_at=row["connected_at"],
+        disconnected_at=row["disconnected_at"],
+    )
+
+
+def _dt(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+# Event snapshots leave out the payload: a Watch subscriber needs state, not input.
+def _job_snapshot(job: Job) -> dict[str, Any]:
+    row = job_to_row(job)
+    row.pop("payload_json")
+    for key in ("lease_expires_at", "created_at", "updated_at", "finished_at"):
+        row[key] = _iso(row[key])
+    return row
+
+
+def _job_from_snapshot(data: dict[str, Any]) -> Job:
+    row = dict(data, payload_json="")
+    for key in ("lease_expires_at", "created_at", "updated_at", "finished_at"):
+        row[key] = _dt(row[key])
+    return job_from_row(row)
+
+
+def _worker_snapshot(worker: Worker) -> dict[str, Any]:
+    data = asdict(worker)
+    data["connected_at"] = _iso(worker.connected_at)
+    data["disconnected_at"] = _iso(worker.disconnected_at)
+    return data
+
+
+def _worker_from_snapshot(data: dict[str, Any]) -> Worker:
+    return Worker(
+        **dict(
+            data,
+            status=WorkerStatus(data["status"]),
+            capabilities=tuple(data["capabilities"]),
+            repo_ids=tuple(data["repo_ids"]),
+            connected_at=_dt(data["connected_at"]),
+            disconnected_at=_dt(data["disconnected_at"]),
+        )
+    )
+
+
+def event_data(job: Job | None, worker: Worker | None) -> str:
+    data: dict[str, Any] = {}
+    if job is not None:
+        data["job"] = _job_snapshot(job)
+    if worker is not None:
+        data["worker"] = _worker_snapshot(worker)
+    return json.dumps(data, separators=(",", ":"))
+
+
+def event_from_row(row: Mapping[Any, Any]) -> Event:
+    data = json.loads(row["data"])
+    return Event(
+        seq=row["seq"],
+        workspace_id=row["workspace_id"],
+        kind=EventKind(row["kind"]),
+        occurred_at=row["occurred_at"],
+        job=_job_from_snapshot(data["job"]) if "job" in data else None,
+        worker=_worker_from_snapshot(data["worker"]) if "worker" in data else None,
+        reason=row["reason"],
+    )

@@ -1,0 +1,137 @@
+"""The engine, transactions and migrations, with every dialect difference kept here.
+
+SQLite is the embedded default: one process owns the file, writers are serialised by an asyncio
+lock and every write transaction is ``BEGIN IMMEDIATE``, so a claim never races and never waits on
+SQLite's sleeping busy handler. PostgreSQL is the engine for teams: claims use ``FOR UPDATE SKIP
+LOCKED`` and replicas wake each other with ``LISTEN/NOTIFY`` (see ``store.notify``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import event, text
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from control_plane.errors import InvalidArgument, Unavailable
+
+log = logging.getLogger(__name__)
+
+
+def normalise_url(url: str) -> str:
+    """Accept ``postgresql://`` and ``sqlite:///`` URLs and pick the async drivers."""
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "postgresql":
+        return parsed.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
+    if backend == "sqlite":
+        return parsed.set(drivername="sqlite+aiosqlite").render_as_string(hide_password=False)
+    raise InvalidArgument("db", f"unsupported database {backend!r}; use sqlite:/// or postgresql://")
+
+
+def sqlite_url(data_dir: Path) -> str:
+    """The default database: ``ias.db`` in the data directory."""
+    return f"sqlite+aiosqlite:///{data_dir / 'ias.db'}"
+
+
+class Database:
+    """An async engine plus the transaction discipline of its dialect."""
+
+    def __init__(self, *, url: str, pool_size: int = 10) -> None:
+        self.url = normalise_url(url)
+        self.is_sqlite = self.url.startswith("sqlite")
+        self._write_lock = asyncio.Lock() if self.is_sqlite else None
+        self.engine: AsyncEngine = (
+            self._sqlite_engine() if self.is_sqlite else self._postgres_engine(pool_size)
+        )
+
+    def _sqlite_engine(self) -> AsyncEngine:
+        engine = create_async_engine(self.url, connect_args={"timeout": 30})
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+            # Take transaction control away from the driver so that "begin" below decides.
+            dbapi_connection.isolation_level = None
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        @event.listens_for(engine.sync_engine, "begin")
+        def _on_begin(conn: Connection) -> None:
+            mode = conn.get_execution_options().get("sqlite_begin", "IMMEDIATE")
+            conn.exec_driver_sql(f"BEGIN {mode}")
+
+        return engine
+
+    def _postgres_engine(self, pool_size: int) -> AsyncEngine:
+        return create_async_engine(self.url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[AsyncConnection]:
+        """A write transaction: committed on success, rolled back on error."""
+        try:
+            if self._write_lock is None:
+                async with self.engine.begin() as conn:
+                    yield conn
+            else:
+                async with self._write_lock, self.engine.begin() as conn:
+                    yield conn
+        except (OperationalError, DBAPIError, OSError) as exc:
+            if isinstance(exc, DBAPIError) and not exc.connection_invalidated and not _is_outage(exc):
+                raise
+            raise Unavailable(f"database unavailable: {type(exc).__name__}") from exc
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncConnection]:
+        """A read-only transaction (deferred on SQLite, so it never blocks writers)."""
+        try:
+            async with self.engine.connect() as conn:
+                if self.is_sqlite:
+                    conn = await conn.execution_options(sqlite_begin="DEFERRED")
+                async with conn.begin():
+                    yield conn
+        except (OperationalError, OSError) as exc:
+            raise Unavailable(f"database unavailable: {type(exc).__name__}") from exc
+
+    async def migrate(self) -> None:
+        """Upgrade the schema to the newest migration (idempotent)."""
+        async with self.engine.begin() as conn:
+            if not self.is_sqlite:
+                # Replicas starting together must not both create the schema.
+                await conn.execute(text("SELECT pg_advisory_xact_lock(7431001)"))
+            await conn.run_sync(_upgrade)
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+
+def _is_outage(exc: DBAPIError) -> bool:
+    text = str(exc.orig).lower()
+    return any(s in text for s in ("connection", "terminat", "shutdown", "closed"))
+
+
+def alembic_config() -> Config:
+    """Alembic's configuration, pointing at the migrations shipped with the package."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(resources.files("migrations")))
+    cfg.attributes["configure_logger"] = False
+    return cfg
+
+
+def _upgrade(sync_conn: Connection) -> None:
+    cfg = alembic_config()
+    cfg.attributes["connection"] = sync_conn
+    command.upgrade(cfg, "head")

@@ -1,0 +1,147 @@
+"""Worker rows, replica liveness and signing keys."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+
+from sqlalchemy import delete, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from control_plane.domain.workers import Worker, WorkerStatus
+from control_plane.store import codec
+from control_plane.store.tables import ReplicaRow, SigningKeyRow, WorkerRow
+
+_workers = WorkerRow.__table__  # type: ignore[attr-defined]
+_replicas = ReplicaRow.__table__  # type: ignore[attr-defined]
+_keys = SigningKeyRow.__table__  # type: ignore[attr-defined]
+
+
+async def connect(
+    conn: AsyncConnection,
+    *,
+    worker_id: str,
+    workspace_id: str,
+    name: str,
+    capabilities: Sequence[str],
+    repo_ids: Sequence[str],
+    slots: int,
+    version: str,
+    session_id: str,
+    replica_id: str,
+    now: datetime,
+) -> Worker:
+    """Record a new session for the worker named ``name`` (creating it on first connect)."""
+    values = {
+        "status": WorkerStatus.ONLINE.value,
+        "capabilities": json.dumps(sorted(capabilities)),
+        "repo_ids": json.dumps(sorted(repo_ids)),
+        "slots": slots,
+        "version": version,
+        "session_id": session_id,
+        "replica_id": replica_id,
+        "connected_at": now,
+        "disconnected_at": None,
+    }
+    existing = await conn.execute(
+        select(_workers.c.id)
+        .where(_workers.c.workspace_id == workspace_id, _workers.c.name == name)
+        .with_for_update()
+    )
+    row = existing.first()
+    if row is None:
+        await conn.execute(
+            insert(_workers).values(id=worker_id, workspace_id=workspace_id, name=name, **values)
+        )
+    else:
+        worker_id = row[0]
+        await conn.execute(update(_workers).where(_workers.c.id == worker_id).values(**values))
+    return await get(conn, worker_id=worker_id)
+
+
+async def get(conn: AsyncConnection, *, worker_id: str) -> Worker:
+    row = (await conn.execute(select(_workers).where(_workers.c.id == worker_id))).mappings().one()
+    return codec.worker_from_row(row)
+
+
+async def set_status(
+    conn: AsyncConnection, *, worker_id: str, session_id: str, status: WorkerStatus, now: datetime
+) -> Worker | None:
+    """Change the worker's status if ``session_id`` is still its current session."""
+    values: dict[str, object] = {"status": status.value}
+    if status is WorkerStatus.OFFLINE:
+        values["disconnected_at"] = now
+    result = await conn.execute(
+        update(_workers)
+        .where(_workers.c.id == worker_id, _workers.c.session_id == session_id)
+        .values(**values)
+    )
+    if result.rowcount != 1:
+        return None
+    return await get(conn, worker_id=worker_id)
+
+
+async def list_workers(conn: AsyncConnection, *, workspace_id: str, include_offline: bool) -> list[Worker]:
+    query = select(_workers).where(_workers.c.workspace_id == workspace_id)
+    if not include_offline:
+        query = query.where(_workers.c.status != WorkerStatus.OFFLINE.value)
+    rows = await conn.execute(query.order_by(_workers.c.name))
+    return [codec.worker_from_row(row) for row in rows.mappings()]
+
+
+async def touch_replica(conn: AsyncConnection, *, replica_id: str, now: datetime) -> None:
+    """Prove this replica is alive (one small write every few seconds, not per heartbeat)."""
+    result = await conn.execute(
+        update(_replicas).where(_replicas.c.id == replica_id).values(last_seen_at=now)
+    )
+    if result.rowcount == 0:
+        await conn.execute(insert(_replicas).values(id=replica_id, started_at=now, last_seen_at=now))
+
+
+async def remove_replica(conn: AsyncConnection, *, replica_id: str) -> None:
+    await conn.execute(delete(_replicas).where(_replicas.c.id == replica_id))
+
+
+async def strand_dead_replicas(conn: AsyncConnection, *, now: datetime, grace: timedelta) -> list[Worker]:
+    """Mark offline the workers whose replica died (not seen for the grace) or was removed.
+
+    ``disconnected_at`` becomes the replica's last sign of life, so their jobs are requeued at once
+    by the orphan sweep rather than after another grace.
+    """
+    live = select(_replicas.c.id).where(_replicas.c.last_seen_at >= now - grace)
+    query = (
+        select(_workers.c.id, _workers.c.replica_id)
+        .where(_workers.c.status != WorkerStatus.OFFLINE.value, _workers.c.replica_id.not_in(live))
+        .with_for_update(skip_locked=True)
+    )
+    stranded = (await conn.execute(query)).all()
+    workers = []
+    for worker_id, replica_id in stranded:
+        seen = (
+            await conn.execute(select(_replicas.c.last_seen_at).where(_replicas.c.id == replica_id))
+        ).scalar_one_or_none()
+        await conn.execute(
+            update(_workers)
+            .where(_workers.c.id == worker_id)
+            .values(status=WorkerStatus.OFFLINE.value, disconnected_at=seen or now - grace)
+        )
+        workers.append(await get(conn, worker_id=worker_id))
+    return workers
+
+
+async def signing_key(conn: AsyncConnection, *, now: datetime) -> tuple[str, str]:
+    """The current (key id, secret), created on first use."""
+    row = (await conn.execute(select(_keys.c.id, _keys.c.secret).order_by(_keys.c.created_at.desc()))).first()
+    if row is not None:
+        return row[0], row[1]
+    # A fixed id for the first key: replicas creating it at once collide instead of diverging.
+    key_id, secret = "k1", secrets.token_urlsafe(48)
+    await conn.execute(insert(_keys).values(id=key_id, secret=secret, created_at=now))
+    return key_id, secret
+
+
+async def signing_keys(conn: AsyncConnection) -> dict[str, str]:
+    rows = await conn.execute(select(_keys.c.id, _keys.c.secret))
+    return {r[0]: r[1] for r in rows.all()}

@@ -1,0 +1,1 @@
+"""Alembic migrations for the control plane's schema (SQLite and PostgreSQL from one set)."""

@@ -1,0 +1,5 @@
+"""`python -m worker` is `ias`."""
+
+from worker.cli import main
+
+main()

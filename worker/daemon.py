@@ -1,0 +1,563 @@
+"""The worker daemon: one Connect stream at a time, jobs that outlive reconnects, self-fencing.
+
+Loops, each a named task:
+
+- the session (per connection): reader, writer and heartbeat tasks in one TaskGroup;
+- the fence watchdog (for the daemon's life): aborts any job whose lease can no longer be
+  proven valid, so a job never runs on two machines at once;
+- one task per running job.
+
+Reconnects use tenacity with jittered exponential backoff. `_session` returns once a session
+that was established ends, so the backoff starts afresh after every healthy session; errors in
+`FATAL` are never retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from enum import StrEnum
+from pathlib import Path
+from typing import Final
+
+import grpc
+from ias.v1 import job_pb2
+from ias.v1 import worker_service_pb2 as wpb
+from ias.v1 import worker_service_pb2_grpc as wpb_grpc
+from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
+
+from worker import __version__
+from worker.client import bearer, open_channel
+from worker.handlers import HandlerRegistry, HandlerResult, JobContext, JobFailed
+
+log = logging.getLogger(__name__)
+
+# Never retried: the credential is wrong, and trying again cannot fix it.
+FATAL: Final = frozenset(
+    {
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.UNIMPLEMENTED,
+    }
+)
+# INTERNAL, UNAVAILABLE, CANCELLED and DEADLINE_EXCEEDED are retried on purpose: restarts and
+# connection resets produce them.
+
+PROGRESS_MIN_INTERVAL_S: Final = 1.0
+WATCHDOG_TICK_S: Final = 0.1
+
+
+class WorkerFatal(Exception):
+    """The daemon must stop: retrying cannot help (bad credential, replaced by another worker)."""
+
+
+class _SessionLost(Exception):
+    """A stream ended before it was established."""
+
+
+class CancelReason(StrEnum):
+    """Why a running job was stopped, in words a person reads in the log."""
+
+    CANCELLED = "the job was cancelled"
+    LEASE_REVOKED = "the control plane revoked the lease"
+    LEASE_UNPROVEN = "no heartbeat acknowledgement within the reconnect grace"
+    WORKER_STOPPING = "the worker is stopping"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSettings:
+    """Settings of one worker daemon; each has a flag and an ``IAS_*`` twin."""
+
+    control_plane: str
+    token: str
+    name: str = field(default_factory=socket.gethostname)
+    slots: int = 1
+    repo_ids: tuple[str, ...] = ()
+    tls_ca: Path | None = None
+    shutdown_grace: timedelta = timedelta(seconds=30)
+    status_file: Path | None = None
+
+
+@dataclass(eq=False, slots=True)
+class _RunningJob:
+    job: job_pb2.Job
+    epoch: int
+    ctx: JobContext
+    task: asyncio.Task[None] | None = None
+    lease_deadline: float = 0.0  # monotonic; past it the lease cannot be proven
+    last_progress: float = 0.0
+
+
+class WorkerDaemon:
+    """Runs jobs pushed by the control plane until stopped."""
+
+    def __init__(self, *, settings: WorkerSettings, registry: HandlerRegistry) -> None:
+        self._settings = settings
+        self._registry = registry
+        self._jobs: dict[str, _RunningJob] = {}
+        self._unacked: dict[str, wpb.ConnectRequest] = {}  # outcomes/releases not yet acknowledged
+        self._outbox: asyncio.Queue[wpb.ConnectRequest] | None = None
+        self._stopping = asyncio.Event()
+        self._hard_stop = asyncio.Event()
+        self._jobs_changed = asyncio.Event()  # set whenever a job ends, to wake a graceful stop
+        self._last_ack = time.monotonic()
+        self._grace = timedelta(seconds=15)
+        self._heartbeat_interval = timedelta(seconds=5)
+        self.session_id = ""
+        self.worker_id = ""
+        self.status = "starting"
+        self.completed = 0
+
+    # -- public surface ------------------------------------------------------------------
+
+    def stop(self, *, graceful: bool = True) -> None:
+        """Begin a stop: graceful finishes (or hands back) jobs; a second call stops hard."""
+        if self._stopping.is_set() or not graceful:
+            self._hard_stop.set()
+            self._jobs_changed.set()
+        elif not self._stopping.is_set():
+            # A graceful stop is bounded too: past the grace and a little more, stop hard.
+            delay = self._settings.shutdown_grace.total_seconds() + 10
+            asyncio.get_running_loop().call_later(delay, self._hard_stop.set)
+        self._stopping.set()
+
+    @property
+    def running_jobs(self) -> list[str]:
+        return list(self._jobs)
+
+    async def run(self) -> None:
+        """Connect, reconnect and serve until stopped; raises `WorkerFatal` on a fatal error."""
+        watchdog = asyncio.create_task(self._fence_watchdog(), name="fence-watchdog")
+        status = asyncio.create_task(self._status_writer(), name="status-file")
+        try:
+            while not self._done():
+                async for attempt in AsyncRetrying(
+                    retry=retry_if_exception(_retryable),
+                    wait=wait_exponential_jitter(initial=0.2, max=30, jitter=1),
+                    reraise=True,
+                ):
+                    with attempt:
+                        if self._done():
+                            break
+                        await self._session()
+        except grpc.aio.AioRpcError as exc:
+            raise WorkerFatal(
+                f"control plane refused the worker: {exc.code().name}: {exc.details()}"
+            ) from exc
+        finally:
+            watchdog.cancel()
+            status.cancel()
+            for running in list(self._jobs.values()):
+                self._abort(running, CancelReason.WORKER_STOPPING)
+            await asyncio.gather(
+                watchdog, status, *(j.task for j in self._jobs.values() if j.task), return_exceptions=True
+            )
+            self.status = "stopped"
+            self._write_status()
+
+    def _done(self) -> bool:
+        if self._hard_stop.is_set():
+            return True
+        return self._stopping.is_set() and not self._jobs and not self._unacked
+
+    # -- one session ---------------------------------------------------------------------
+
+    async def _session(self) -> None:
+        self.status = f"connecting to {self._settings.control_plane}"
+        channel = open_channel(self._settings.control_plane, tls_ca=self._settings.tls_ca)
+        try:
+            stub = wpb_grpc.WorkerServiceStub(channel)
+            call = stub.Connect(metadata=bearer(self._settings.token))
+            await call.write(self._hello())
+            first = await call.read()
+            if not isinstance(first, wpb.ConnectResponse) or first.WhichOneof("frame") != "welcome":
+                await _raise_status(call)
+                raise _SessionLost("the stream ended before the welcome")
+            self._on_welcome(first.welcome)
+            self._outbox = asyncio.Queue()
+            for frame in self._unacked.values():
+                self._outbox.put_nowait(frame)
+            if self._stopping.is_set():
+                self._outbox.put_nowait(wpb.ConnectRequest(draining=wpb.Draining(reason="stopping")))
+            try:
+                async with asyncio.TaskGroup() as group:
+                    reader = group.create_task(self._read_loop(call), name="session-reader")
+                    writer = group.create_task(self._write_loop(call), name="session-writer")
+                    beat = group.create_task(self._heartbeat_loop(), name="session-heartbeat")
+                    stop = group.create_task(self._stop_watch(), name="session-stop")
+                    await asyncio.wait({reader, writer, beat, stop}, return_when=asyncio.FIRST_COMPLETED)
+                    for task in (reader, writer, beat, stop):
+                        task.cancel()
+            except BaseExceptionGroup as group:
+                _end_session(group)
+            finally:
+                self._outbox = None
+                self.status = "disconnected"
+        finally:
+            await channel.close(grace=None)
+
+    def _hello(self) -> wpb.ConnectRequest:
+        held = [wpb.HeldJob(job_id=j.job.id, lease_epoch=j.epoch) for j in self._jobs.values()]
+        held += [
+            wpb.HeldJob(job_id=_frame_job(f), lease_epoch=_frame_epoch(f))
+            for f in self._unacked.values()
+            if _frame_job(f) not in self._jobs
+        ]
+        return wpb.ConnectRequest(
+            hello=wpb.Hello(
+                worker_name=self._settings.name,
+                capabilities=self._registry.names(),
+                slots=self._settings.slots,
+                repo_ids=list(self._settings.repo_ids),
+                version=__version__,
+                held_jobs=held,
+            )
+        )
+
+    def _on_welcome(self, welcome: wpb.Welcome) -> None:
+        self.session_id = welcome.session_id
+        self.worker_id = welcome.worker_id
+        self._grace = welcome.reconnect_grace.ToTimedelta()
+        self._heartbeat_interval = welcome.heartbeat_interval.ToTimedelta()
+        now = time.monotonic()
+        self._last_ack = now
+        ttl = welcome.lease_ttl.ToTimedelta().total_seconds()
+        for held in welcome.adopted_jobs:
+            if held.job_id in self._jobs:
+                self._jobs[held.job_id].lease_deadline = now + ttl
+        self.status = f"connected (session {welcome.session_id})"
+        log.info(
+            "connected to %s as %s (session %s)",
+            self._settings.control_plane,
+            self._settings.name,
+            welcome.session_id,
+        )
+
+    async def _read_loop(
+        self, call: grpc.aio.StreamStreamCall[wpb.ConnectRequest, wpb.ConnectResponse]
+    ) -> None:
+        while True:
+            frame = await call.read()
+            if not isinstance(frame, wpb.ConnectResponse):
+                await _raise_status(call)
+                return
+            self._handle(frame)
+
+    async def _write_loop(
+        self, call: grpc.aio.StreamStreamCall[wpb.ConnectRequest, wpb.ConnectResponse]
+    ) -> None:
+        assert self._outbox is not None
+        while True:
+            await call.write(await self._outbox.get())
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            base = self._heartbeat_interval.total_seconds()
+            await asyncio.sleep(base * random.uniform(0.9, 1.1))  # jitter: a restarted fleet drifts apart
+            held = [wpb.HeldJob(job_id=j.job.id, lease_epoch=j.epoch) for j in self._jobs.values()]
+            self._send(wpb.ConnectRequest(heartbeat=wpb.Heartbeat(held_jobs=held, free_slots=self._free())))
+
+    async def _stop_watch(self) -> None:
+        await self._stopping.wait()
+        self._send(wpb.ConnectRequest(draining=wpb.Draining(reason="stopping")))
+        try:
+            await asyncio.wait_for(self._jobs_finished(), self._settings.shutdown_grace.total_seconds())
+        except TimeoutError:
+            for running in list(self._jobs.values()):
+                self._release(running, CancelReason.WORKER_STOPPING)
+        # Give the control plane a moment to acknowledge what we sent, then end the session.
+        for _ in range(50):
+            if not self._unacked or self._hard_stop.is_set():
+                break
+            await asyncio.sleep(0.1)
+
+    async def _jobs_finished(self) -> None:
+        while self._jobs and not self._hard_stop.is_set():
+            self._jobs_changed.clear()
+            await self._jobs_changed.wait()
+
+    def _send(self, frame: wpb.ConnectRequest) -> None:
+        if self._outbox is not None:
+            self._outbox.put_nowait(frame)
+
+    def _free(self) -> int:
+        return 0 if self._stopping.is_set() else max(self._settings.slots - len(self._jobs), 0)
+
+    # -- frames from the control plane ---------------------------------------------------
+
+    def _handle(self, frame: wpb.ConnectResponse) -> None:
+        kind = frame.WhichOneof("frame")
+        if kind == "heartbeat_ack":
+            now = time.monotonic()
+            self._last_ack = now
+            for standing in frame.heartbeat_ack.leases:
+                running = self._jobs.get(standing.job_id)
+                if running is not None and running.epoch == standing.lease_epoch:
+                    running.lease_deadline = now + standing.remaining.ToTimedelta().total_seconds()
+        elif kind == "assignment":
+            self._on_assignment(frame.assignment)
+        elif kind == "outcome_ack":
+            self._unacked.pop(frame.outcome_ack.job_id, None)
+        elif kind in ("cancel", "lease_revoked"):
+            msg = frame.cancel if kind == "cancel" else frame.lease_revoked
+            self._unacked.pop(msg.job_id, None)
+            running = self._jobs.get(msg.job_id)
+            if running is not None and running.epoch == msg.lease_epoch:
+                reason = CancelReason.CANCELLED if kind == "cancel" else CancelReason.LEASE_REVOKED
+                self._abort(running, reason)
+        elif kind == "drain":
+            if frame.drain.reason == "session_replaced":
+                raise WorkerFatal(
+                    f"another worker connected with the name {self._settings.name!r}; give each worker "
+                    "its own --name"
+                )
+            log.info("control plane asked to drain (%s); reconnecting", frame.drain.reason)
+            raise _Drained
+        elif kind == "rejected":
+            self._on_rejected(frame.rejected)
+
+    def _on_rejected(self, rejected: wpb.FrameRejected) -> None:
+        code = grpc.StatusCode.UNKNOWN
+        for candidate in grpc.StatusCode:
+            if candidate.value[0] == rejected.code:
+                code = candidate
+        log.warning(
+            "control plane rejected a %s frame for %s: %s %s",
+            rejected.frame,
+            rejected.job_id or "-",
+            code.name,
+            rejected.message,
+        )
+        # A stale or unknown outcome can never be accepted: forget it. Anything else is retried.
+        if rejected.frame in ("outcome", "release") and code in (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            grpc.StatusCode.NOT_FOUND,
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ):
+            self._unacked.pop(rejected.job_id, None)
+
+    def _on_assignment(self, assignment: wpb.Assignment) -> None:
+        job = assignment.job
+        handler = self._registry.get(job.type)
+        reason = ""
+        if handler is None:
+            reason = f"no handler for {job.type}"
+        elif self._stopping.is_set():
+            reason = "worker is stopping"
+        elif len(self._jobs) >= self._settings.slots:
+            reason = "no free slot"
+        accept = wpb.Accept(
+            job_id=job.id, lease_epoch=assignment.lease_epoch, accepted=not reason, reason=reason
+        )
+        self._send(wpb.ConnectRequest(accept=accept))
+        if reason or handler is None:
+            return
+        try:
+            payload = json.loads(job.payload_json or "{}")
+        except ValueError:
+            payload = {}
+        running = _RunningJob(
+            job=job,
+            epoch=assignment.lease_epoch,
+            ctx=JobContext(
+                job_id=job.id,
+                job_type=job.type,
+                attempt=job.attempt,
+                lease_epoch=assignment.lease_epoch,
+                payload=payload if isinstance(payload, dict) else {},
+                repo_id=job.repo_id,
+            ),
+        )
+        running.lease_deadline = time.monotonic() + assignment.lease_ttl.ToTimedelta().total_seconds()
+        running.ctx._progress = lambda message: self._progress(running, message)
+        self._jobs[job.id] = running
+        running.task = asyncio.create_task(self._execute(running, handler), name=f"job {job.id}")
+        log.info(
+            "started job", extra={"job_id": job.id, "attempt": job.attempt, "lease_epoch": running.epoch}
+        )
+
+    # -- jobs ------------------------------------------------------------------------------
+
+    async def _execute(self, running: _RunningJob, handler: Callable[[JobContext], object]) -> None:
+        started = time.monotonic()
+        result = job_pb2.JobResult()
+        status = job_pb2.JOB_STATUS_DONE
+        try:
+            outcome = await handler(running.ctx)  # type: ignore[misc]
+            assert isinstance(outcome, HandlerResult)
+            result = _result_pb(outcome)
+            if outcome.blocked:
+                status = job_pb2.JOB_STATUS_BLOCKED
+        except JobFailed as exc:
+            status = job_pb2.JOB_STATUS_FAILED
+            result = job_pb2.JobResult(
+                summary=exc.message[:400],
+                error_code=exc.code,
+                error_message=exc.message,
+                retryable=exc.retryable,
+            )
+        except asyncio.CancelledError:
+            return  # aborted: the lease is gone or handed back; report nothing
+        except Exception as exc:  # a handler bug must not kill the daemon
+            log.exception("job handler crashed", extra={"job_id": running.job.id})
+            status = job_pb2.JOB_STATUS_FAILED
+            result = job_pb2.JobResult(
+                summary=f"{type(exc).__name__}: {exc}"[:400],
+                error_code="handler_error",
+                error_message=f"{type(exc).__name__}: {exc}",
+                retryable=True,
+            )
+        finally:
+            if self._jobs.get(running.job.id) is running:
+                del self._jobs[running.job.id]
+            self._jobs_changed.set()
+        if running.ctx.should_abort():
+            return  # aborted while finishing: another attempt may own the job now
+        result.duration_ms = int((time.monotonic() - started) * 1000)
+        frame = wpb.ConnectRequest(
+            outcome=wpb.Outcome(
+                job_id=running.job.id, lease_epoch=running.epoch, status=status, result=result
+            )
+        )
+        self._unacked[running.job.id] = frame
+        self._send(frame)
+        self.completed += 1
+        log.info(
+            "finished job",
+            extra={"job_id": running.job.id, "attempt": running.job.attempt, "lease_epoch": running.epoch},
+        )
+
+    def _progress(self, running: _RunningJob, message: str) -> None:
+        now = time.monotonic()
+        if now - running.last_progress < PROGRESS_MIN_INTERVAL_S:
+            return
+        running.last_progress = now
+        self._send(
+            wpb.ConnectRequest(
+                progress=wpb.Progress(job_id=running.job.id, lease_epoch=running.epoch, message=message[:500])
+            )
+        )
+
+    def _abort(self, running: _RunningJob, reason: CancelReason) -> None:
+        log.warning(
+            "stopping job: %s",
+            reason.value,
+            extra={"job_id": running.job.id, "attempt": running.job.attempt, "lease_epoch": running.epoch},
+        )
+        running.ctx._abort.set()
+        if running.task is not None:
+            running.task.cancel()
+        self._jobs.pop(running.job.id, None)
+        self._jobs_changed.set()
+
+    def _release(self, running: _RunningJob, reason: CancelReason) -> None:
+        self._abort(running, reason)
+        frame = wpb.ConnectRequest(
+            release=wpb.Release(job_id=running.job.id, lease_epoch=running.epoch, reason=reason.name.lower())
+        )
+        self._unacked[running.job.id] = frame
+        self._send(frame)
+
+    async def _fence_watchdog(self) -> None:
+        """Abort jobs whose lease cannot be proven: the control plane may have given them away."""
+        while True:
+            await asyncio.sleep(WATCHDOG_TICK_S)
+            now = time.monotonic()
+            grace = self._grace.total_seconds()
+            margin = max(grace * 0.2, 0.3)
+            silent = now - self._last_ack > grace - margin
+            for running in list(self._jobs.values()):
+                if silent or now > running.lease_deadline - margin:
+                    self._abort(running, CancelReason.LEASE_UNPROVEN)
+
+    async def _status_writer(self) -> None:
+        while self._settings.status_file is not None:
+            self._write_status()
+            await asyncio.sleep(1)
+
+    def _write_status(self) -> None:
+        path = self._settings.status_file
+        if path is None:
+            return
+        state = {
+            "name": self._settings.name,
+            "status": self.status,
+            "control_plane": self._settings.control_plane,
+            "session_id": self.session_id,
+            "worker_id": self.worker_id,
+            "slots": self._settings.slots,
+            "running": [
+                {"job_id": j.job.id, "type": j.job.type, "attempt": j.job.attempt}
+                for j in self._jobs.values()
+            ],
+            "completed": self.completed,
+            "seconds_since_ack": round(time.monotonic() - self._last_ack, 1),
+            "updated_at": time.time(),
+        }
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2))
+        tmp.replace(path)
+
+
+class _Drained(Exception):
+    """The control plane asked this session to end (it is shutting down)."""
+
+
+def _end_session(group: BaseExceptionGroup[BaseException]) -> None:
+    """Decide how an established session ended: stop for good, or return to reconnect afresh."""
+    fatal = group.subgroup(WorkerFatal)
+    if fatal is not None:
+        raise fatal.exceptions[0] from None
+    if group.subgroup(_Drained) is not None:
+        return
+    rpc, rest = group.split(grpc.aio.AioRpcError)
+    if rest is not None or rpc is None:
+        raise group
+    exc = rpc.exceptions[0]
+    assert isinstance(exc, grpc.aio.AioRpcError)
+    if exc.code() in FATAL:
+        raise exc from None
+    log.warning("session ended: %s %s", exc.code().name, exc.details())
+
+
+def _retryable(exc: BaseException) -> bool:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return exc.code() not in FATAL
+    return isinstance(exc, _SessionLost | _Drained | OSError)
+
+
+async def _raise_status(call: grpc.aio.StreamStreamCall[wpb.ConnectRequest, wpb.ConnectResponse]) -> None:
+    code = await call.code()
+    if code is not grpc.StatusCode.OK:
+        raise grpc.aio.AioRpcError(
+            code, await call.initial_metadata(), await call.trailing_metadata(), details=await call.details()
+        )
+
+
+def _frame_job(frame: wpb.ConnectRequest) -> str:
+    return frame.outcome.job_id if frame.HasField("outcome") else frame.release.job_id
+
+
+def _frame_epoch(frame: wpb.ConnectRequest) -> int:
+    return frame.outcome.lease_epoch if frame.HasField("outcome") else frame.release.lease_epoch
+
+
+def _result_pb(result: HandlerResult) -> job_pb2.JobResult:
+    return job_pb2.JobResult(
+        summary=result.summary[:400],
+        commit_sha=result.commit_sha,
+        branch=result.branch,
+        changed_paths=list(result.changed_paths[:500]),
+        changed_paths_truncated=len(result.changed_paths) > 500,
+        pr_url=result.pr_url,
+        counts=dict(result.counts),
+        metadata_json=json.dumps(dict(result.metadata)) if result.metadata else "",
+    )

@@ -141,7 +141,7 @@ class WorkerDaemon:
             while not self._done():
                 async for attempt in AsyncRetrying(
                     retry=retry_if_exception(_retryable),
-                    wait=wait_exponential_jitter(initial=0.2, max=30, jitter=1),
+                    wait=wait_exponential_jitter(multiplier=0.2, max=30, jitter=0.5),
                     reraise=True,
                 ):
                     with attempt:

@@ -1,0 +1,257 @@
+"""Push dispatch, leases and fencing against a real control plane on loopback and real SQLite."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from pathlib import Path
+
+import grpc
+import pytest
+from conftest import eventually
+from harness import JobsClient, RawWorker, running_plane, settings_for
+from ias.v1 import job_pb2
+from ias.v1 import worker_service_pb2 as wpb
+
+from control_plane.domain.jobs import JobStatus
+from control_plane.queue import Assignee
+from worker.daemon import WorkerDaemon, WorkerSettings
+from worker.handlers import default_registry
+
+
+async def test_a_job_is_pushed_to_the_worker_that_can_run_it(tmp_path: Path) -> None:
+    async with running_plane(settings_for(tmp_path)) as cp:
+        plain, mapped = RawWorker(cp.address, cp.worker), RawWorker(cp.address, cp.worker)
+        await plain.hello("plain", capabilities=("noop",))
+        await mapped.hello("mapped", capabilities=("noop", "install_ias"), repo_ids=("repo-a",))
+        jobs = JobsClient(cp.address, cp.admin)
+        job = await jobs.submit("install_ias", repo_id="repo-a")
+        frame = await mapped.read("assignment")
+        assert frame.assignment.job.id == job.id
+        assert frame.assignment.lease_epoch == 1
+        # The other worker can run neither the type nor the repository: it got nothing.
+        other = await jobs.submit("install_ias", repo_id="repo-b")
+        await asyncio.sleep(0.3)
+        assert (await jobs.get(other.id)).status == job_pb2.JOB_STATUS_PENDING
+        for w in (plain, mapped):
+            await w.close()
+        await jobs.close()
+
+
+async def test_a_job_waits_for_a_worker_and_is_delivered_when_one_connects(tmp_path: Path) -> None:
+    async with running_plane(settings_for(tmp_path)) as cp:
+        jobs = JobsClient(cp.address, cp.admin)
+        job = await jobs.submit("noop", payload='{"seconds": 0}')
+        await asyncio.sleep(0.2)
+        assert (await jobs.get(job.id)).status == job_pb2.JOB_STATUS_PENDING
+        daemon = WorkerDaemon(
+            settings=WorkerSettings(control_plane=cp.address, token=cp.worker, name="late"),
+            registry=default_registry(),
+        )
+        task = asyncio.create_task(daemon.run())
+        await eventually(lambda: _status(jobs, job.id, job_pb2.JOB_STATUS_DONE), what="job done")
+        done = await jobs.get(job.id)
+        assert (done.attempt, done.lease_epoch, done.result.summary) == (1, 1, "slept 0 s")
+        daemon.stop()
+        await asyncio.wait_for(task, 10)
+        await jobs.close()
+
+
+async def _status(jobs: JobsClient, job_id: str, status: int) -> bool:
+    return bool((await jobs.get(job_id)).status == status)
+
+
+async def test_a_stale_epoch_outcome_is_rejected_and_changes_nothing(tmp_path: Path) -> None:
+    async with running_plane(settings_for(tmp_path)) as cp:
+        w = RawWorker(cp.address, cp.worker)
+        await w.hello("w1")
+        jobs = JobsClient(cp.address, cp.admin)
+        job = await jobs.submit("noop")
+        assignment = (await w.read("assignment")).assignment
+        before = await jobs.get(job.id)
+        for epoch in (assignment.lease_epoch - 1, assignment.lease_epoch + 1):
+            await w.send(
+                outcome=wpb.Outcome(job_id=job.id, lease_epoch=epoch, status=job_pb2.JOB_STATUS_DONE)
+            )
+            rejected = (await w.read("rejected")).rejected
+            assert rejected.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+            assert rejected.job_id == job.id and rejected.frame == "outcome"
+        assert await jobs.get(job.id) == before
+        await w.close()
+        await jobs.close()
+
+
+async def test_a_replayed_outcome_is_acknowledged_once_and_applied_once(tmp_path: Path) -> None:
+    async with running_plane(settings_for(tmp_path)) as cp:
+        w = RawWorker(cp.address, cp.worker)
+        await w.hello("w1")
+        jobs = JobsClient(cp.address, cp.admin)
+        job = await jobs.submit("noop")
+        epoch = (await w.read("assignment")).assignment.lease_epoch
+        outcome = wpb.Outcome(
+            job_id=job.id,
+            lease_epoch=epoch,
+            status=job_pb2.JOB_STATUS_DONE,
+            result=job_pb2.JobResult(summary="first"),
+        )
+        await w.send(outcome=outcome)
+        assert not (await w.read("outcome_ack")).outcome_ack.duplicate
+        outcome.result.summary = "second"
+        await w.send(outcome=outcome)
+        assert (await w.read("outcome_ack")).outcome_ack.duplicate
+        assert (await jobs.get(job.id)).result.summary == "first"
+        events = await cp.plane.queue.events_since("default", 0)
+        assert [e.kind.value for e in events if e.job and e.job.id == job.id].count("job_finished") == 1
+        await w.close()
+        await jobs.close()
+
+
+async def test_lease_expiry_requeues_with_the_next_attempt(tmp_path: Path) -> None:
+    async with running_plane(settings_for(tmp_path, lease_ttl=timedelta(seconds=1))) as cp:
+        jobs = JobsClient(cp.address, cp.admin)
+        job = await jobs.submit("noop")
+        # A lease granted to a worker this replica does not know: only its expiry can free the job.
+        [(claimed, _)] = await cp.plane.queue.claim(
+            workspace_id="default",
+            types=["noop"],
+            repo_ids=[],
+            assignees=[Assignee("wrk_ghost", "ses_ghost")],
+        )
+        assert (claimed.id, claimed.lease_epoch) == (job.id, 1)
+        await eventually(lambda: _attempt(jobs, job.id, 2), timeout=10, what="requeue after lease expiry")
+        w = RawWorker(cp.address, cp.worker)
+        await w.hello("w1")
+        again = (await w.read("assignment", timeout=10)).assignment
+        assert (again.job.id, again.lease_epoch) == (job.id, 2)
+        events = await cp.plane.queue.events_since("default", 0)
+        assert [e.reason for e in events if e.kind.value == "job_requeued"] == ["lease_expired"]
+        await w.close()
+        await jobs.close()
+
+
+async def _attempt(jobs: JobsClient, job_id: str, attempt: int) -> bool:
+    return bool((await jobs.get(job_id)).attempt == attempt)
+
+
+async def test_a_broken_stream_requeues_after_the_reconnect_grace(tmp_path: Path) -> None:
+    async with running_plane(settings_for(tmp_path, reconnect_grace=timedelta(seconds=1))) as cp:
+        jobs = JobsClient(cp.address, cp.admin)
+        w1 = RawWorker(cp.address, cp.worker)
+        await w1.hello("w1")
+        job = await jobs.submit("noop")
+        await w1.read("assignment")
+        await w1.close()
+        w2 = RawWorker(cp.address, cp.worker)
+        await w2.hello("w2")
+        second = (await w2.read("assignment", timeout=10)).assignment
+        assert (second.job.id, second.job.attempt, second.lease_epoch) == (job.id, 2, 2)
+        await w2.send(outcome=wpb.Outcome(job_id=job.id, lease_epoch=2, status=job_pb2.JOB_STATUS_DONE))
+        await w2.read("outcome_ack")
+        done = await jobs.get(job.id)
+        assert (done.status, done.attempt, done.worker_id) != (0, 0, "")
+        assert done.status == job_pb2.JOB_STATUS_DONE and done.attempt == 2
+        await w2.close()
+        await jobs.close()
+
+
+async def test_a_worker_that_comes_back_keeps_its_jobs_and_loses_the_rest(tmp_path: Path) -> None:
+    async with running_plane(settings_for(tmp_path, reconnect_grace=timedelta(seconds=30))) as cp:
+        jobs = JobsClient(cp.address, cp.admin)
+        w = RawWorker(cp.address, cp.worker)
+        await w.hello("w1", slots=2)
+        a, b = await jobs.submit("noop"), await jobs.submit("noop")
+        got = {(await w.read("assignment")).assignment.job.id for _ in range(2)}
+        assert got == {a.id, b.id}
+        await w.close()
+        back = RawWorker(cp.address, cp.worker)
+        welcome = await back.hello("w1", slots=2, held=((a.id, 1),))
+        assert [h.job_id for h in welcome.adopted_jobs] == [a.id]
+        # b was not reported: requeued at once (attempt 2) and offered again.
+        again = (await back.read("assignment")).assignment
+        assert (again.job.id, again.job.attempt) == (b.id, 2)
+        await back.send(outcome=wpb.Outcome(job_id=a.id, lease_epoch=1, status=job_pb2.JOB_STATUS_DONE))
+        await back.read("outcome_ack")
+        assert (await jobs.get(a.id)).status == job_pb2.JOB_STATUS_DONE
+        await back.close()
+        await jobs.close()
+
+
+async def test_a_new_session_fences_out_the_old_one(tmp_path: Path) -> None:
+    async with running_plane(settings_for(tmp_path)) as cp:
+        old = RawWorker(cp.address, cp.worker)
+        await old.hello("same")
+        new = RawWorker(cp.address, cp.worker)
+        await new.hello("same")
+        drain = (await old.read("drain")).drain
+        assert drain.reason == "session_replaced"
+        await old.close()
+        await new.close()
+
+
+async def test_a_retryable_failure_runs_again_and_a_final_one_fails(tmp_path: Path) -> None:
+    async with running_plane(settings_for(tmp_path)) as cp:
+        jobs = JobsClient(cp.address, cp.admin)
+        daemon = WorkerDaemon(
+            settings=WorkerSettings(control_plane=cp.address, token=cp.worker, name="d"),
+            registry=default_registry(),
+        )
+        task = asyncio.create_task(daemon.run())
+        job = await jobs.submit("noop", payload='{"fail": "flaky", "retryable": true}', max_attempts=2)
+        await eventually(lambda: _status(jobs, job.id, job_pb2.JOB_STATUS_FAILED), what="job failed")
+        failed = await jobs.get(job.id)
+        assert (failed.attempt, failed.lease_epoch, failed.result.error_code) == (2, 2, "noop_failed")
+        daemon.stop()
+        await asyncio.wait_for(task, 10)
+        await jobs.close()
+
+
+async def test_cancelling_a_running_job_stops_it_on_the_worker(tmp_path: Path) -> None:
+    async with running_plane(settings_for(tmp_path)) as cp:
+        jobs = JobsClient(cp.address, cp.admin)
+        daemon = WorkerDaemon(
+            settings=WorkerSettings(control_plane=cp.address, token=cp.worker, name="d"),
+            registry=default_registry(),
+        )
+        task = asyncio.create_task(daemon.run())
+        job = await jobs.submit("noop", payload='{"seconds": 30}')
+        await eventually(lambda: job.id in daemon.running_jobs, what="job running")
+        from ias.v1 import job_service_pb2 as jpb
+
+        cancelled = (await jobs.stub.CancelJob(jpb.CancelJobRequest(job_id=job.id), metadata=jobs.md)).job
+        assert cancelled.status == job_pb2.JOB_STATUS_CANCELLED
+        await eventually(lambda: job.id not in daemon.running_jobs, what="worker stopped the job")
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await jobs.stub.CancelJob(jpb.CancelJobRequest(job_id=job.id), metadata=jobs.md)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        daemon.stop()
+        await asyncio.wait_for(task, 10)
+        await jobs.close()
+
+
+async def test_graceful_worker_stop_hands_back_what_it_cannot_finish(tmp_path: Path) -> None:
+    async with running_plane(settings_for(tmp_path)) as cp:
+        jobs = JobsClient(cp.address, cp.admin)
+        daemon = WorkerDaemon(
+            settings=WorkerSettings(
+                control_plane=cp.address,
+                token=cp.worker,
+                name="d",
+                shutdown_grace=timedelta(milliseconds=300),
+            ),
+            registry=default_registry(),
+        )
+        task = asyncio.create_task(daemon.run())
+        job = await jobs.submit("noop", payload='{"seconds": 60}')
+        await eventually(lambda: job.id in daemon.running_jobs, what="job running")
+        daemon.stop()
+        await asyncio.wait_for(task, 10)
+        back = await jobs.get(job.id)
+        assert (back.status, back.attempt) == (job_pb2.JOB_STATUS_PENDING, 1)
+        await jobs.close()
+
+
+def test_status_enum_matches_the_domain() -> None:
+    names = {
+        job_pb2.JobStatus.Name(v).removeprefix("JOB_STATUS_").lower() for v in job_pb2.JobStatus.values()
+    }
+    assert names - {"unspecified"} == {s.value for s in JobStatus}

@@ -1,0 +1,1 @@
+"""Dispatch-latency and lifecycle-throughput benchmarks of the control plane (``python -m bench``)."""

@@ -1,0 +1,122 @@
+"""The control plane under test, run as ``ias server start`` in its own OS process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_S: Final = 60.0
+STOP_TIMEOUT_S: Final = 20.0
+TOKEN_TIMEOUT_S: Final = 60.0
+READY_POLL_S: Final = 0.05
+
+
+class ServerFailed(Exception):
+    """The control plane did not start, or a command of it failed."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunningServer:
+    """A started control plane and the credentials to use it."""
+
+    address: str
+    pid: int
+    admin_token: str
+    worker_token: str
+    log_path: Path
+
+
+def _ias(*args: str) -> list[str]:
+    # `python -m worker` is the `ias` entry point; using this interpreter keeps the venv.
+    return [sys.executable, "-m", "worker", *args]
+
+
+def _storage(data_dir: Path, db_url: str) -> list[str]:
+    return ["--data-dir", str(data_dir), *(["--db", db_url] if db_url else [])]
+
+
+async def create_token(data_dir: Path, db_url: str, role: str) -> str:
+    """Mint a token with ``ias server token create``; it prints the token on its last line."""
+    args = _ias(
+        "server", "token", "create", *_storage(data_dir, db_url), "--role", role, "--subject", "bench"
+    )
+    proc = await asyncio.create_subprocess_exec(
+        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), TOKEN_TIMEOUT_S)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise ServerFailed(f"`ias server token create --role {role}` timed out") from None
+    lines = out.decode().strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        raise ServerFailed(f"`ias server token create --role {role}` failed: {err.decode().strip()}")
+    return lines[-1].strip()
+
+
+@contextlib.asynccontextmanager
+async def control_plane(data_dir: Path, db_url: str = "") -> AsyncIterator[RunningServer]:
+    """Mint tokens, start the server on 127.0.0.1 with a free port, and stop it on exit."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    admin = await create_token(data_dir, db_url, "admin")
+    worker = await create_token(data_dir, db_url, "worker")
+    ready = data_dir / "ready.json"
+    log_path = data_dir / "server.log"
+    args = _ias("server", "start", "--listen", "127.0.0.1:0", "--ready-file", str(ready))
+    with log_path.open("wb") as log_file:
+        proc = await asyncio.create_subprocess_exec(
+            *args, *_storage(data_dir, db_url), stdout=log_file, stderr=log_file
+        )
+        try:
+            address = await _wait_ready(proc, ready, log_path)
+            log.info("control plane %d serving on %s", proc.pid, address)
+            yield RunningServer(
+                address=address, pid=proc.pid, admin_token=admin, worker_token=worker, log_path=log_path
+            )
+        finally:
+            await _stop(proc, log_path)
+
+
+async def _wait_ready(proc: asyncio.subprocess.Process, ready: Path, log_path: Path) -> str:
+    for _ in range(int(START_TIMEOUT_S / READY_POLL_S)):
+        if proc.returncode is not None:
+            raise ServerFailed(f"the control plane exited with {proc.returncode}:\n{tail(log_path)}")
+        if ready.exists():
+            try:
+                return str(json.loads(ready.read_text())["listen"])
+            except (ValueError, KeyError):
+                pass  # caught mid-write; read it again on the next poll
+        await asyncio.sleep(READY_POLL_S)
+    raise ServerFailed(f"the control plane was not ready within {START_TIMEOUT_S:.0f} s:\n{tail(log_path)}")
+
+
+async def _stop(proc: asyncio.subprocess.Process, log_path: Path) -> None:
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), STOP_TIMEOUT_S)
+        except TimeoutError:
+            log.error("the control plane ignored SIGTERM for %.0f s; killing it", STOP_TIMEOUT_S)
+            proc.kill()
+            await proc.wait()
+    if proc.returncode not in (0, -signal.SIGTERM, -signal.SIGKILL):
+        log.warning("the control plane exited with %s:\n%s", proc.returncode, tail(log_path))
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    """The last lines of a log file, for error messages."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"

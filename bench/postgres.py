@@ -30,6 +30,19 @@ async def server_version(dsn: str = ADMIN_DSN) -> str:
         await conn.close(timeout=CONNECT_TIMEOUT_S)
 
 
+async def next_xid(url: str) -> int:
+    """The next transaction id PostgreSQL will assign; reading it assigns none.
+
+    The difference of two readings counts the transactions that wrote something in between.
+    """
+    conn = await _connect(url)
+    try:
+        query = "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint"
+        return int(await conn.fetchval(query, timeout=COMMAND_TIMEOUT_S))
+    finally:
+        await conn.close(timeout=CONNECT_TIMEOUT_S)
+
+
 @asynccontextmanager
 async def scratch_database(dsn: str = ADMIN_DSN) -> AsyncIterator[str]:
     """Create ``bench_<hex>`` and yield its URL; the database is dropped on exit, even on error."""

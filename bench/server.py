@@ -34,6 +34,7 @@ class RunningServer:
     admin_token: str
     worker_token: str
     log_path: Path
+    db_url: str  # empty for SQLite
 
 
 def _ias(*args: str) -> list[str]:
@@ -67,8 +68,10 @@ async def create_token(data_dir: Path, db_url: str, role: str) -> str:
 
 @contextlib.asynccontextmanager
 async def control_plane(data_dir: Path, db_url: str = "") -> AsyncIterator[RunningServer]:
-    """Mint tokens, start the server on 127.0.0.1 with a free port, and stop it on exit."""
-    data_dir.mkdir(parents=True, exist_ok=True)
+    """Mint tokens, start the server on 127.0.0.1 with a free port, and stop it on exit.
+
+    `ias` creates ``data_dir`` if needed.
+    """
     admin = await create_token(data_dir, db_url, "admin")
     worker = await create_token(data_dir, db_url, "worker")
     ready = data_dir / "ready.json"
@@ -82,7 +85,12 @@ async def control_plane(data_dir: Path, db_url: str = "") -> AsyncIterator[Runni
             address = await _wait_ready(proc, ready, log_path)
             log.info("control plane %d serving on %s", proc.pid, address)
             yield RunningServer(
-                address=address, pid=proc.pid, admin_token=admin, worker_token=worker, log_path=log_path
+                address=address,
+                pid=proc.pid,
+                admin_token=admin,
+                worker_token=worker,
+                log_path=log_path,
+                db_url=db_url,
             )
         finally:
             await _stop(proc, log_path)
@@ -92,13 +100,18 @@ async def _wait_ready(proc: asyncio.subprocess.Process, ready: Path, log_path: P
     for _ in range(int(START_TIMEOUT_S / READY_POLL_S)):
         if proc.returncode is not None:
             raise ServerFailed(f"the control plane exited with {proc.returncode}:\n{tail(log_path)}")
-        if ready.exists():
-            try:
-                return str(json.loads(ready.read_text())["listen"])
-            except (ValueError, KeyError):
-                pass  # caught mid-write; read it again on the next poll
+        address = _read_ready(ready)
+        if address:
+            return address
         await asyncio.sleep(READY_POLL_S)
     raise ServerFailed(f"the control plane was not ready within {START_TIMEOUT_S:.0f} s:\n{tail(log_path)}")
+
+
+def _read_ready(ready: Path) -> str:
+    try:
+        return str(json.loads(ready.read_text())["listen"])
+    except (OSError, ValueError, KeyError):
+        return ""  # not written yet, or caught mid-write: read it again on the next poll
 
 
 async def _stop(proc: asyncio.subprocess.Process, log_path: Path) -> None:

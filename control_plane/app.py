@@ -133,6 +133,9 @@ class ControlPlane:
         for session in self.sessions:
             session.send(wpb.ConnectResponse(drain=wpb.Drain(reason="server_shutdown")))
             session.close()
+        # Sessions record themselves offline on the way out: let them, before the database closes.
+        if self.workers.active:
+            await asyncio.wait(set(self.workers.active), timeout=grace)
         await self.server.stop(grace)
         for task in self._tasks:
             task.cancel()

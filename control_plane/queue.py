@@ -308,7 +308,9 @@ class JobQueue:
         """Requeue jobs whose lease expired or whose worker is gone; returns how many moved."""
         grace = self._settings.reconnect_grace
         async with self._write() as tx:
-            for worker in await workers_store.strand_dead_replicas(tx.conn, now=tx.now, grace=grace):
+            for worker in await workers_store.strand_dead_replicas(
+                tx.conn, now=tx.now, grace=grace, own_replica_id=self._settings.replica_id
+            ):
                 tx.add(
                     worker.workspace_id,
                     Draft(EventKind.WORKER_DISCONNECTED, worker=worker, reason="replica_lost"),

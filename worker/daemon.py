@@ -139,19 +139,28 @@ class WorkerDaemon:
         status = asyncio.create_task(self._status_writer(), name="status-file")
         try:
             while not self._done():
-                async for attempt in AsyncRetrying(
-                    retry=retry_if_exception(_retryable),
-                    wait=wait_exponential_jitter(multiplier=0.2, max=30, jitter=0.5),
-                    reraise=True,
-                ):
-                    with attempt:
-                        if self._done():
-                            break
-                        await self._session()
-        except grpc.aio.AioRpcError as exc:
-            raise WorkerFatal(
-                f"control plane refused the worker: {exc.code().name}: {exc.details()}"
-            ) from exc
+                try:
+                    async for attempt in AsyncRetrying(
+                        retry=retry_if_exception(self._should_retry),
+                        wait=wait_exponential_jitter(multiplier=0.2, max=30, jitter=0.5),
+                        reraise=True,
+                    ):
+                        with attempt:
+                            await self._session()
+                except (grpc.aio.AioRpcError, _SessionLost, _Drained, OSError) as exc:
+                    if isinstance(exc, grpc.aio.AioRpcError) and exc.code() in FATAL:
+                        raise WorkerFatal(
+                            f"control plane refused the worker: {exc.code().name}: {exc.details()}"
+                        ) from exc
+                    if not self._stopping.is_set():
+                        raise
+                    if self._unacked:
+                        log.warning(
+                            "stopping with %d outcome(s) unreported: the control plane is "
+                            "unreachable; their jobs will run again",
+                            len(self._unacked),
+                        )
+                    break
         finally:
             watchdog.cancel()
             status.cancel()
@@ -162,6 +171,12 @@ class WorkerDaemon:
             )
             self.status = "stopped"
             self._write_status()
+
+    def _should_retry(self, exc: BaseException) -> bool:
+        # A stopping worker with nothing running does not wait for an unreachable control plane.
+        if self._stopping.is_set() and not self._jobs:
+            return False
+        return _retryable(exc)
 
     def _done(self) -> bool:
         if self._hard_stop.is_set():

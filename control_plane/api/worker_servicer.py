@@ -31,6 +31,7 @@ from control_plane.queue import HeldLease, JobQueue, utcnow
 log = logging.getLogger(__name__)
 
 HELLO_TIMEOUT_S: Final = 10.0
+CLOSE_TIMEOUT_S: Final = 5.0
 MAX_SLOTS: Final = 256
 Ctx = grpc.aio.ServicerContext[wpb.ConnectRequest, wpb.ConnectResponse]
 
@@ -53,8 +54,11 @@ class WorkerServicer(wpb_grpc.WorkerServiceServicer):
         self._maintenance = maintenance
         self._settings = settings
         self.shutting_down = False
+        self.active: set[asyncio.Task[object]] = set()  # Connect handlers, awaited before the DB closes
 
     async def Connect(self, request_iterator: Any, context: Ctx) -> None:  # type: ignore[override]
+        if self.shutting_down:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the control plane is shutting down")
         try:
             first: object = await asyncio.wait_for(context.read(), HELLO_TIMEOUT_S)
         except TimeoutError:
@@ -71,6 +75,10 @@ class WorkerServicer(wpb_grpc.WorkerServiceServicer):
             session = await self._open(first.hello)
         except IasError as exc:
             await context.abort(code_for(exc), exc.message)
+        handler = asyncio.current_task()
+        assert handler is not None
+        self.active.add(handler)
+        handler.add_done_callback(self.active.discard)
         writer = asyncio.create_task(self._write_loop(session, context), name=f"writer {session.id}")
         reader = asyncio.create_task(self._read_loop(session, context), name=f"reader {session.id}")
         try:
@@ -137,14 +145,15 @@ class WorkerServicer(wpb_grpc.WorkerServiceServicer):
     async def _close(self, session: Session) -> None:
         self._sessions.remove(session)
         try:
-            await self._queue.set_worker_status(
-                worker_id=session.worker_id,
-                session_id=session.id,
-                status=WorkerStatus.OFFLINE,
-                reason="server_shutdown" if self.shutting_down else "stream_closed",
-            )
-        except IasError as exc:
-            log.warning("could not record worker %s offline: %s", session.worker_name, exc.message)
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await self._queue.set_worker_status(
+                    worker_id=session.worker_id,
+                    session_id=session.id,
+                    status=WorkerStatus.OFFLINE,
+                    reason="server_shutdown" if self.shutting_down else "stream_closed",
+                )
+        except (IasError, TimeoutError) as exc:
+            log.warning("could not record worker %s offline: %s", session.worker_name, exc)
         if session.held:
             self._maintenance.sweep_soon(self._settings.reconnect_grace + self._settings.sweep_interval / 10)
         log.info("worker %s disconnected (session %s)", session.worker_name, session.id)

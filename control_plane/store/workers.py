@@ -7,7 +7,7 @@ import secrets
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import delete, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from control_plane.domain.workers import Worker, WorkerStatus
@@ -104,13 +104,17 @@ async def remove_replica(conn: AsyncConnection, *, replica_id: str) -> None:
     await conn.execute(delete(_replicas).where(_replicas.c.id == replica_id))
 
 
-async def strand_dead_replicas(conn: AsyncConnection, *, now: datetime, grace: timedelta) -> list[Worker]:
+async def strand_dead_replicas(
+    conn: AsyncConnection, *, now: datetime, grace: timedelta, own_replica_id: str
+) -> list[Worker]:
     """Mark offline the workers whose replica died (not seen for the grace) or was removed.
 
     ``disconnected_at`` becomes the replica's last sign of life, so their jobs are requeued at once
     by the orphan sweep rather than after another grace.
     """
-    live = select(_replicas.c.id).where(_replicas.c.last_seen_at >= now - grace)
+    live = select(_replicas.c.id).where(
+        or_(_replicas.c.last_seen_at >= now - grace, _replicas.c.id == own_replica_id)
+    )
     query = (
         select(_workers.c.id, _workers.c.replica_id)
         .where(_workers.c.status != WorkerStatus.OFFLINE.value, _workers.c.replica_id.not_in(live))

@@ -79,10 +79,18 @@ def server() -> None:
     help="How long a broken session keeps its jobs before they are requeued.",
 )
 @click.option(
-    "--tls-cert", envvar="IAS_TLS_CERT", show_envvar=True, type=click.Path(exists=True, path_type=Path)
+    "--tls-cert",
+    envvar="IAS_TLS_CERT",
+    show_envvar=True,
+    type=click.Path(exists=True, path_type=Path),
+    help="PEM certificate chain: serve TLS (with --tls-key).",
 )
 @click.option(
-    "--tls-key", envvar="IAS_TLS_KEY", show_envvar=True, type=click.Path(exists=True, path_type=Path)
+    "--tls-key",
+    envvar="IAS_TLS_KEY",
+    show_envvar=True,
+    type=click.Path(exists=True, path_type=Path),
+    help="PEM private key for --tls-cert.",
 )
 @click.option(
     "--insecure",

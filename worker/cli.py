@@ -157,6 +157,7 @@ def worker_start(
         tls_ca=tls_ca,
         shutdown_grace=timedelta(seconds=shutdown_grace_s),
         status_file=state / f"worker-{name}.json",
+        journal_dir=state / "journal" / name,
     )
     daemon = WorkerDaemon(settings=settings, registry=default_registry())
 

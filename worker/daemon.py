@@ -20,7 +20,7 @@ import logging
 import random
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from enum import StrEnum
@@ -36,6 +36,7 @@ from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
 from worker import __version__
 from worker.client import bearer, open_channel
 from worker.handlers import HandlerRegistry, HandlerResult, JobContext, JobFailed
+from worker.journal import Journal
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,8 @@ class WorkerSettings:
     tls_ca: Path | None = None
     shutdown_grace: timedelta = timedelta(seconds=30)
     status_file: Path | None = None
+    journal_dir: Path | None = None  # where unacknowledged outcomes survive a crash
+    repo_paths: Mapping[str, Path] = field(default_factory=dict)  # repo id → local checkout
 
 
 @dataclass(eq=False, slots=True)
@@ -103,7 +106,9 @@ class WorkerDaemon:
         self._settings = settings
         self._registry = registry
         self._jobs: dict[str, _RunningJob] = {}
-        self._unacked: dict[str, wpb.ConnectRequest] = {}  # outcomes/releases not yet acknowledged
+        self._journal = Journal(settings.journal_dir) if settings.journal_dir is not None else None
+        # Outcomes and releases not yet acknowledged, replayed on every new session.
+        self._unacked: dict[str, wpb.ConnectRequest] = self._journal.load() if self._journal else {}
         self._outbox: asyncio.Queue[wpb.ConnectRequest] | None = None
         self._stopping = asyncio.Event()
         self._hard_stop = asyncio.Event()
@@ -320,10 +325,10 @@ class WorkerDaemon:
         elif kind == "assignment":
             self._on_assignment(frame.assignment)
         elif kind == "outcome_ack":
-            self._unacked.pop(frame.outcome_ack.job_id, None)
+            self._forget(frame.outcome_ack.job_id)
         elif kind in ("cancel", "lease_revoked"):
             msg = frame.cancel if kind == "cancel" else frame.lease_revoked
-            self._unacked.pop(msg.job_id, None)
+            self._forget(msg.job_id)
             running = self._jobs.get(msg.job_id)
             if running is not None and running.epoch == msg.lease_epoch:
                 reason = CancelReason.CANCELLED if kind == "cancel" else CancelReason.LEASE_REVOKED
@@ -357,7 +362,7 @@ class WorkerDaemon:
             grpc.StatusCode.NOT_FOUND,
             grpc.StatusCode.INVALID_ARGUMENT,
         ):
-            self._unacked.pop(rejected.job_id, None)
+            self._forget(rejected.job_id)
 
     def _on_assignment(self, assignment: wpb.Assignment) -> None:
         job = assignment.job
@@ -389,6 +394,7 @@ class WorkerDaemon:
                 lease_epoch=assignment.lease_epoch,
                 payload=payload if isinstance(payload, dict) else {},
                 repo_id=job.repo_id,
+                repo_path=self._settings.repo_paths.get(job.repo_id),
             ),
         )
         running.lease_deadline = time.monotonic() + assignment.lease_ttl.ToTimedelta().total_seconds()
@@ -442,7 +448,7 @@ class WorkerDaemon:
                 job_id=running.job.id, lease_epoch=running.epoch, status=status, result=result
             )
         )
-        self._unacked[running.job.id] = frame
+        self._remember(running.job.id, frame)
         self._send(frame)
         self.completed += 1
         log.info(
@@ -478,8 +484,17 @@ class WorkerDaemon:
         frame = wpb.ConnectRequest(
             release=wpb.Release(job_id=running.job.id, lease_epoch=running.epoch, reason=reason.name.lower())
         )
-        self._unacked[running.job.id] = frame
+        self._remember(running.job.id, frame)
         self._send(frame)
+
+    def _remember(self, job_id: str, frame: wpb.ConnectRequest) -> None:
+        self._unacked[job_id] = frame
+        if self._journal is not None:
+            self._journal.record(job_id, frame)
+
+    def _forget(self, job_id: str) -> None:
+        if self._unacked.pop(job_id, None) is not None and self._journal is not None:
+            self._journal.forget(job_id)
 
     async def _fence_watchdog(self) -> None:
         """Abort jobs whose lease cannot be proven: the control plane may have given them away."""

@@ -52,6 +52,7 @@ class JobContext:
     lease_epoch: int
     payload: Mapping[str, Any]
     repo_id: str = ""
+    repo_path: Path | None = None  # the user's checkout mapped to repo_id on this machine
     workdir: Path | None = None
     _progress: Callable[[str], None] = lambda _message: None
     _abort: asyncio.Event = field(default_factory=asyncio.Event)

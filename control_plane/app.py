@@ -40,7 +40,7 @@ from control_plane.store import events as events_store
 from control_plane.store import workers as workers_store
 from control_plane.store.db import Database
 from control_plane.store.events import EVENTS_CHANNEL
-from control_plane.store.jobs import JOBS_CHANNEL
+from control_plane.store.jobs import JOBS_CHANNEL, parse_available
 
 log = logging.getLogger(__name__)
 
@@ -210,13 +210,18 @@ def _listener(plane: ControlPlane) -> PgListener:
         workspace_id, _, seq = payload.rpartition(":")
         plane.hub.hint(workspace_id, int(seq or 0))
 
+    def on_available(payload: str) -> None:
+        sender, workspace_id = parse_available(payload)
+        if sender != plane.settings.replica_id:  # our own submits woke the dispatcher already
+            plane.dispatcher.wake(workspace_id)
+
     def on_reconnect() -> None:
         plane.dispatcher.wake()
 
     return PgListener(
         url=plane.db.url,
         handlers={
-            JOBS_CHANNEL: plane.dispatcher.wake,
+            JOBS_CHANNEL: on_available,
             EVENTS_CHANNEL: on_events,
             SESSIONS_CHANNEL: on_session,
             CANCEL_CHANNEL: on_cancel,

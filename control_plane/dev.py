@@ -141,7 +141,8 @@ async def _dev(settings: ServerSettings, *, console_port: int, worker_slots: int
         child.send_signal(signal.SIGTERM)
     for child in children:
         try:
-            await asyncio.wait_for(child.wait(), 35)
+            async with asyncio.timeout(35):
+                await child.wait()
         except TimeoutError:
             child.kill()
     await plane.stop(grace=2.0)

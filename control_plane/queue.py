@@ -19,8 +19,9 @@ from control_plane.config import ServerSettings
 from control_plane.domain import jobs as jobs_domain
 from control_plane.domain.jobs import Job, JobResult, JobStatus
 from control_plane.domain.workers import Event, EventKind, Worker, WorkerStatus
-from control_plane.errors import InvalidArgument, NotFound, StaleLease
+from control_plane.errors import IasError, InvalidArgument, NotFound, StaleLease
 from control_plane.events.hub import EventHub
+from control_plane.group_commit import GroupCommit
 from control_plane.ids import new_id
 from control_plane.store import events as events_store
 from control_plane.store import jobs as jobs_store
@@ -69,6 +70,18 @@ class NewJob:
     run_id: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    """A worker's outcome waiting for its group commit."""
+
+    workspace_id: str
+    worker_id: str
+    job_id: str
+    epoch: int
+    status: JobStatus
+    result: JobResult
+
+
 @dataclass(slots=True)
 class _Tx:
     conn: AsyncConnection
@@ -97,6 +110,8 @@ class JobQueue:
         self._settings = settings
         self._on_available = on_available
         self._clock = clock
+        self._submits: GroupCommit[Job, Job] = GroupCommit(self._insert_jobs)
+        self._outcomes: GroupCommit[_Outcome, tuple[Job, bool]] = GroupCommit(self._record_outcomes)
 
     @property
     def db(self) -> Database:
@@ -108,13 +123,20 @@ class JobQueue:
         async with self._db.write() as conn:
             tx = _Tx(conn=conn, now=self._clock())
             yield tx
-            for workspace_id, drafts in tx.drafts.items():
-                published += await events_store.append(
-                    conn, workspace_id=workspace_id, drafts=drafts, now=tx.now, notify=not self._db.is_sqlite
-                )
             if not self._db.is_sqlite:
-                for workspace_id in tx.available:
-                    await jobs_store.notify_available(conn, workspace_id=workspace_id)
+                for workspace_id in sorted(tx.available):
+                    await jobs_store.notify_available(
+                        conn, workspace_id=workspace_id, replica_id=self._settings.replica_id
+                    )
+            # Last, and in a fixed order: each append locks its workspace's row until the commit.
+            for workspace_id in sorted(tx.drafts):
+                published += await events_store.append(
+                    conn,
+                    workspace_id=workspace_id,
+                    drafts=tx.drafts[workspace_id],
+                    now=tx.now,
+                    notify=not self._db.is_sqlite,
+                )
         self._hub.publish(published)
         for workspace_id in tx.available:
             self._on_available(workspace_id)
@@ -143,14 +165,15 @@ class JobQueue:
             run_id=new.run_id,
             idempotency_key=new.idempotency_key,
         )
+        if not new.idempotency_key:
+            return await self._submits(job), False
         try:
             async with self._write() as tx:
-                if new.idempotency_key:
-                    existing = await jobs_store.by_idempotency_key(
-                        tx.conn, workspace_id=workspace_id, key=new.idempotency_key
-                    )
-                    if existing is not None:
-                        return existing, True
+                existing = await jobs_store.by_idempotency_key(
+                    tx.conn, workspace_id=workspace_id, key=new.idempotency_key
+                )
+                if existing is not None:
+                    return existing, True
                 await jobs_store.insert_job(tx.conn, job=job)
                 tx.add(workspace_id, Draft(EventKind.JOB_SUBMITTED, job=job))
                 tx.available.add(workspace_id)
@@ -164,6 +187,15 @@ class JobQueue:
                 raise
             return existing, True
         return job, False
+
+    async def _insert_jobs(self, jobs: Sequence[Job]) -> list[Job | Exception]:
+        """Store submissions without an idempotency key, many per transaction (group commit)."""
+        async with self._write() as tx:
+            await jobs_store.insert_jobs(tx.conn, jobs=jobs)
+            for job in jobs:
+                tx.add(job.workspace_id, Draft(EventKind.JOB_SUBMITTED, job=job))
+                tx.available.add(job.workspace_id)
+        return list(jobs)
 
     async def get(self, *, workspace_id: str, job_id: str) -> Job:
         async with self._db.read() as conn:
@@ -220,11 +252,13 @@ class JobQueue:
                 running = jobs_domain.assign(
                     job, worker_id=who.worker_id, session_id=who.session_id, now=tx.now, ttl=ttl
                 )
-                await jobs_store.save(
-                    tx.conn, job=running, expect_status=job.status, expect_epoch=job.lease_epoch
-                )
                 tx.add(workspace_id, Draft(EventKind.JOB_ASSIGNED, job=running))
                 claimed.append((running, who))
+            # The rows are locked by `claimable` (or by SQLite's write lock): one executemany.
+            saves = [
+                (new, old.status, old.lease_epoch) for old, (new, _) in zip(pending, claimed, strict=False)
+            ]
+            await jobs_store.save_many(tx.conn, jobs=saves)
         return claimed
 
     async def record_outcome(
@@ -237,22 +271,67 @@ class JobQueue:
         status: JobStatus,
         result: JobResult,
     ) -> tuple[Job, bool]:
-        """Apply a worker's outcome, fenced by ``epoch``; a replay returns ``duplicate=True``."""
-        async with self._write() as tx:
-            job = jobs_domain.require(
-                await jobs_store.get(tx.conn, workspace_id=workspace_id, job_id=job_id, lock=True), job_id
+        """Apply a worker's outcome, fenced by ``epoch``; a replay returns ``duplicate=True``.
+
+        Outcomes arriving together (from many worker streams) are recorded in one transaction.
+        """
+        return await self._outcomes(
+            _Outcome(
+                workspace_id=workspace_id,
+                worker_id=worker_id,
+                job_id=job_id,
+                epoch=epoch,
+                status=status,
+                result=result,
             )
-            if job.worker_id != worker_id:
-                raise StaleLease(f"job {job_id} is not held by this worker")
-            if jobs_domain.is_recorded_outcome(job, epoch=epoch, status=status):
-                return job, True
-            done = jobs_domain.finish(job, epoch=epoch, status=status, result=result, now=tx.now)
-            await jobs_store.save(tx.conn, job=done, expect_status=job.status, expect_epoch=epoch)
-            if done.status is JobStatus.PENDING:
-                tx.add(workspace_id, Draft(EventKind.JOB_REQUEUED, job=done, reason="retryable_failure"))
-                tx.available.add(workspace_id)
-            else:
-                tx.add(workspace_id, Draft(EventKind.JOB_FINISHED, job=done))
+        )
+
+    async def _record_outcomes(self, outcomes: Sequence[_Outcome]) -> list[tuple[Job, bool] | Exception]:
+        """Record a batch of outcomes in one transaction; each gets its own answer.
+
+        Every job of the batch is read and locked in one statement; each outcome is then decided
+        in arrival order against the latest state (so a replay right behind its original in the
+        same batch is a duplicate), and the changed jobs are written in one executemany.
+        """
+        answers: list[tuple[Job, bool] | Exception] = []
+        async with self._write() as tx:
+            jobs = await jobs_store.get_many(tx.conn, job_ids=[o.job_id for o in outcomes], lock=True)
+            writes: dict[str, tuple[Job, JobStatus, int]] = {}
+            for outcome in outcomes:
+                try:
+                    answers.append(self._decide_outcome(tx, outcome, jobs, writes))
+                except IasError as exc:
+                    answers.append(exc)
+            await jobs_store.save_many(tx.conn, jobs=list(writes.values()))
+        return answers
+
+    def _decide_outcome(
+        self,
+        tx: _Tx,
+        outcome: _Outcome,
+        jobs: dict[str, Job],
+        writes: dict[str, tuple[Job, JobStatus, int]],
+    ) -> tuple[Job, bool]:
+        found = jobs.get(outcome.job_id)
+        if found is not None and found.workspace_id != outcome.workspace_id:
+            found = None  # another workspace's job does not exist for this caller
+        job = jobs_domain.require(found, outcome.job_id)
+        if job.worker_id != outcome.worker_id:
+            raise StaleLease(f"job {job.id} is not held by this worker")
+        if jobs_domain.is_recorded_outcome(job, epoch=outcome.epoch, status=outcome.status):
+            return job, True
+        done = jobs_domain.finish(
+            job, epoch=outcome.epoch, status=outcome.status, result=outcome.result, now=tx.now
+        )
+        # Keyed by job: a later change in the same batch is written over the same stored row.
+        stored = writes.get(job.id, (job, job.status, job.lease_epoch))
+        writes[job.id] = (done, stored[1], stored[2])
+        jobs[job.id] = done
+        if done.status is JobStatus.PENDING:
+            tx.add(outcome.workspace_id, Draft(EventKind.JOB_REQUEUED, job=done, reason="retryable_failure"))
+            tx.available.add(outcome.workspace_id)
+        else:
+            tx.add(outcome.workspace_id, Draft(EventKind.JOB_FINISHED, job=done))
         return done, False
 
     async def release(

@@ -60,7 +60,8 @@ class WorkerServicer(wpb_grpc.WorkerServiceServicer):
         if self.shutting_down:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the control plane is shutting down")
         try:
-            first: object = await asyncio.wait_for(context.read(), HELLO_TIMEOUT_S)
+            async with asyncio.timeout(HELLO_TIMEOUT_S):
+                first: object = await context.read()
         except TimeoutError:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no hello within 10 s")
         if first is grpc.aio.EOF:
@@ -283,7 +284,8 @@ class WorkerServicer(wpb_grpc.WorkerServiceServicer):
                 )
             )
         )
-        self._dispatcher.wake()
+        # A requeue woke the dispatcher already; a freed slot is worth a claim only if jobs wait.
+        self._dispatcher.slot_freed(session.eligibility)
         _log_finished(job, duplicate)
 
     async def _on_release(self, session: Session, release: wpb.Release) -> None:
@@ -300,7 +302,8 @@ class WorkerServicer(wpb_grpc.WorkerServiceServicer):
                 outcome_ack=wpb.OutcomeAck(job_id=release.job_id, lease_epoch=release.lease_epoch)
             )
         )
-        self._dispatcher.wake()
+        # The release put the job back and woke the dispatcher for the workspace.
+        self._dispatcher.slot_freed(session.eligibility)
 
 
 def fence_out(session: Session) -> None:

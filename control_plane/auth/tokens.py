@@ -6,6 +6,8 @@ The signing keys live in the database, so every replica verifies every token.
 from __future__ import annotations
 
 import contextvars
+import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -19,6 +21,8 @@ from control_plane.ids import new_id
 
 PREFIX: Final = "ias_"
 ISSUER: Final = "ias-control-plane"
+# Verified tokens kept so a busy client's calls skip the HMAC and JSON work (~4% of server CPU).
+VERIFIED_CACHE_SIZE: Final = 1024
 
 
 class Role(StrEnum):
@@ -47,6 +51,8 @@ class TokenAuthority:
     def __init__(self, *, keys: Mapping[str, str], current_key_id: str) -> None:
         self._keys = dict(keys)
         self._current = current_key_id
+        # token → (principal, expiry as a Unix time); least recently used first.
+        self._verified: OrderedDict[str, tuple[Principal, float]] = OrderedDict()
 
     def mint(self, *, workspace_id: str, role: Role, subject: str, now: datetime, ttl: timedelta) -> str:
         claims = {
@@ -64,6 +70,18 @@ class TokenAuthority:
         return PREFIX + body
 
     def verify(self, token: str) -> Principal:
+        """The principal of a valid token; a token verified before is trusted until it expires."""
+        cached = self._verified.get(token)
+        if cached is not None and time.time() < cached[1]:
+            self._verified.move_to_end(token)
+            return cached[0]
+        principal, expires = self._verify(token)
+        self._verified[token] = (principal, expires)
+        if len(self._verified) > VERIFIED_CACHE_SIZE:
+            self._verified.popitem(last=False)
+        return principal
+
+    def _verify(self, token: str) -> tuple[Principal, float]:
         if not token.startswith(PREFIX):
             raise Unauthenticated("not an IAS token (expected the ias_ prefix)")
         body = token[len(PREFIX) :]
@@ -75,12 +93,13 @@ class TokenAuthority:
             claims = jwt.decode(
                 body, secret, algorithms=["HS256"], issuer=ISSUER, options={"require": ["exp", "sub", "jti"]}
             )
-            return Principal(
+            principal = Principal(
                 subject=claims["sub"],
                 workspace_id=claims["ws"],
                 role=Role(claims["role"]),
                 token_id=claims["jti"],
             )
+            return principal, float(claims["exp"])
         except jwt.ExpiredSignatureError as exc:
             raise Unauthenticated("token expired") from exc
         except (jwt.InvalidTokenError, KeyError, ValueError) as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import defaultdict
 from datetime import datetime
 
@@ -27,23 +28,62 @@ POLL_INTERVAL_S = 2.0
 
 
 class Dispatcher:
-    """Claims jobs for free slots whenever woken, and every few seconds regardless."""
+    """Claims jobs for free slots whenever woken, and every few seconds regardless.
+
+    A group whose last claim found fewer jobs than it asked for is known to be empty, and is
+    skipped until something may have added a job to its workspace (a submit, requeue or release
+    here, a NOTIFY from another replica, the poll). A freed slot alone does not make a job appear,
+    so an outcome wakes the dispatcher only for groups not known to be empty.
+    """
 
     def __init__(self, *, queue: JobQueue, sessions: SessionRegistry) -> None:
         self._queue = queue
         self._sessions = sessions
         self._wake = asyncio.Event()
         self.status = "idle"
+        # Wake generations: a group is empty while no wake of its workspace came after the start
+        # of the claim that found it empty (a wake always follows the commit that added the job).
+        self._generation = 0
+        self._woken_all = 0
+        self._woken: dict[str, int] = {}
+        self._empty_since: dict[Eligibility, int] = {}
 
-    def wake(self, _workspace_id: str = "") -> None:
+    def wake(self, workspace_id: str = "") -> None:
+        """Jobs may be available in ``workspace_id`` (in any workspace if empty)."""
+        self._generation += 1
+        if workspace_id:
+            self._woken[workspace_id] = self._generation
+        else:
+            self._woken_all = self._generation
+            self._empty_since.clear()  # all stale now; this also forgets groups that went away
         self._wake.set()
 
+    def slot_freed(self, eligibility: Eligibility) -> None:
+        """A session of ``eligibility`` has a free slot again: claim only if jobs may be waiting."""
+        if not self._known_empty(eligibility):
+            self._wake.set()
+
+    def _known_empty(self, eligibility: Eligibility) -> bool:
+        since = self._empty_since.get(eligibility)
+        if since is None:
+            return False
+        return since >= max(self._woken_all, self._woken.get(eligibility.workspace_id, 0))
+
     async def run(self) -> None:
+        last_poll = time.monotonic()
         while True:
             try:
-                await asyncio.wait_for(self._wake.wait(), POLL_INTERVAL_S)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+                # races with the event, and this loop would then never stop.
+                async with asyncio.timeout(POLL_INTERVAL_S):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
+            if time.monotonic() - last_poll >= POLL_INTERVAL_S:
+                # The safety net looks at every group, even those known to be empty, also while
+                # other groups keep the dispatcher busy.
+                last_poll = time.monotonic()
+                self.wake()
             self._wake.clear()
             try:
                 if await self.dispatch_round():
@@ -56,12 +96,13 @@ class Dispatcher:
         """Claim for every group of free sessions; True if some group got all it asked for."""
         groups: dict[Eligibility, list[Session]] = defaultdict(list)
         for session in self._sessions:
-            if session.free > 0:
+            if session.free > 0 and not self._known_empty(session.eligibility):
                 groups[session.eligibility].append(session)
         saturated = False
         for eligibility, members in groups.items():
             self.status = f"claiming for {len(members)} session(s)"
             assignees = _spread(members)
+            started = self._generation
             claimed = await self._queue.claim(
                 workspace_id=eligibility.workspace_id,
                 types=sorted(eligibility.types),
@@ -73,7 +114,11 @@ class Dispatcher:
                 session = by_id[who.session_id]
                 assert job.lease_expires_at is not None
                 _push(session, job, job.lease_expires_at)
-            saturated |= len(claimed) == len(assignees)
+            if len(claimed) == len(assignees):
+                saturated = True
+                self._empty_since.pop(eligibility, None)
+            else:
+                self._empty_since[eligibility] = started
         self.status = "idle"
         return saturated
 

@@ -52,7 +52,8 @@ class PgListener:
             self._on_reconnect()
             while not lost.is_set():
                 try:
-                    await asyncio.wait_for(lost.wait(), 5)
+                    async with asyncio.timeout(5):
+                        await lost.wait()
                 except TimeoutError:
                     await conn.fetchval("SELECT 1", timeout=5)  # detects a silently dead socket
         finally:

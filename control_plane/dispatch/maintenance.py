@@ -45,7 +45,8 @@ class Maintenance:
         last_touch = 0.0
         while True:
             try:
-                await asyncio.wait_for(self._sweep_now.wait(), interval)
+                async with asyncio.timeout(interval):  # not wait_for: see Dispatcher.run
+                    await self._sweep_now.wait()
             except TimeoutError:
                 pass
             self._sweep_now.clear()

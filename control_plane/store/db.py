@@ -77,7 +77,10 @@ class Database:
         return engine
 
     def _postgres_engine(self, pool_size: int) -> AsyncEngine:
-        return create_async_engine(self.url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+        # No pool_pre_ping: it costs a BEGIN/ping/ROLLBACK on every checkout. A connection that died
+        # meanwhile fails its first statement instead (reported as Unavailable, so the caller or
+        # loop retries), and that disconnect invalidates the whole pool, so it happens once.
+        return create_async_engine(self.url, pool_size=pool_size, max_overflow=pool_size)
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:
@@ -103,7 +106,10 @@ class Database:
                     conn = await conn.execution_options(sqlite_begin="DEFERRED")
                 async with conn.begin():
                     yield conn
-        except (OperationalError, OSError) as exc:
+        except (OperationalError, DBAPIError, OSError) as exc:
+            # Without pre-ping a pooled connection that died shows up here as a DBAPIError.
+            if _is_query_error(exc):
+                raise
             raise Unavailable(f"database unavailable: {type(exc).__name__}") from exc
 
     async def migrate(self) -> None:
@@ -116,6 +122,13 @@ class Database:
 
     async def close(self) -> None:
         await self.engine.dispose()
+
+
+def _is_query_error(exc: Exception) -> bool:
+    """A DBAPIError that is about the statement, not about reaching the database."""
+    if isinstance(exc, OperationalError) or not isinstance(exc, DBAPIError):
+        return False
+    return not exc.connection_invalidated and not _is_outage(exc)
 
 
 def _is_outage(exc: DBAPIError) -> bool:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import insert, select, text, update
+from sqlalchemy import bindparam, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from control_plane.domain.jobs import Job
@@ -23,6 +23,20 @@ _events = EventRow.__table__  # type: ignore[attr-defined]
 _workspaces = WorkspaceRow.__table__  # type: ignore[attr-defined]
 
 EVENTS_CHANNEL = "ias_events"
+
+_INSERT = insert(_events)
+_NEXT_SEQ = (
+    update(_workspaces)
+    .where(_workspaces.c.id == bindparam("ws"))
+    .values(event_seq=_workspaces.c.event_seq + bindparam("n"))
+    .returning(_workspaces.c.event_seq)
+)
+# PostgreSQL: the same, and the hint to other replicas in the same round trip. A notification is
+# delivered at commit, so other replicas read the log from their last seq when it is complete.
+_NEXT_SEQ_NOTIFY = text(
+    "UPDATE workspaces SET event_seq = event_seq + :n WHERE id = :ws "
+    f"RETURNING event_seq, pg_notify('{EVENTS_CHANNEL}', id || ':' || event_seq)"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,15 +52,14 @@ class Draft:
 async def append(
     conn: AsyncConnection, *, workspace_id: str, drafts: Sequence[Draft], now: datetime, notify: bool
 ) -> list[Event]:
-    """Give ``drafts`` the next sequence numbers of the workspace's log and insert them."""
+    """Give ``drafts`` the next sequence numbers of the workspace's log and insert them.
+
+    The sequence row stays locked until commit: call this last in the transaction.
+    """
     if not drafts:
         return []
-    result = await conn.execute(
-        update(_workspaces)
-        .where(_workspaces.c.id == workspace_id)
-        .values(event_seq=_workspaces.c.event_seq + len(drafts))
-        .returning(_workspaces.c.event_seq)
-    )
+    params = {"ws": workspace_id, "n": len(drafts)}
+    result = await conn.execute(_NEXT_SEQ_NOTIFY if notify else _NEXT_SEQ, params)
     last = result.scalar_one()
     first = last - len(drafts) + 1
     rows = [
@@ -62,13 +75,7 @@ async def append(
         }
         for i, d in enumerate(drafts)
     ]
-    await conn.execute(insert(_events), rows)
-    if notify:
-        # Delivered at commit; other replicas read the log from their last seq on this hint.
-        await conn.execute(
-            text("SELECT pg_notify(:channel, :payload)"),
-            {"channel": EVENTS_CHANNEL, "payload": f"{workspace_id}:{last}"},
-        )
+    await conn.execute(_INSERT, rows)
     return [
         Event(
             seq=first + i,

@@ -1,0 +1,88 @@
+"""Group commit: requests that arrive while a transaction is in flight share the next one.
+
+There is no timer. The first request of an idle batcher starts a flush at the next turn of the
+event loop, so a lone request waits for nothing but that turn; requests arriving meanwhile (from
+other worker streams or submitters) queue up and go together in the following transaction. Under
+load the cost of a transaction (BEGIN, the workspace's ``event_seq`` row lock, COMMIT) is paid per
+batch instead of per request.
+
+Every caller gets its own answer: ``apply`` returns one value or exception per request, so a
+stale outcome in a batch is rejected without touching the others. If the transaction itself fails
+(any error escaping ``apply``), nothing of the batch was committed; the requests are then retried
+one by one, so one bad request cannot fail its neighbours, unless the database is unavailable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
+
+from control_plane.errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R")
+T = TypeVar("T")
+
+Apply = Callable[[Sequence[R]], Awaitable[list[T | Exception]]]
+
+
+class GroupCommit(Generic[R, T]):
+    """Runs ``apply`` on batches of at most ``max_batch`` requests, one batch at a time."""
+
+    def __init__(self, apply: Apply[R, T], *, max_batch: int = 64) -> None:
+        self._apply = apply
+        self._max_batch = max_batch
+        self._queue: list[tuple[R, asyncio.Future[T]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self.batches = 0  # committed or failed transactions, for tests and diagnostics
+
+    async def __call__(self, request: R) -> T:
+        """Queue ``request`` and wait for its own result (or exception) after the commit."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.append((request, future))
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush(), name="group commit")
+        return await future
+
+    async def _flush(self) -> None:
+        try:
+            while self._queue:
+                batch = self._queue[: self._max_batch]
+                del self._queue[: self._max_batch]
+                await self._run(batch)
+        finally:
+            self._flusher = None
+            left, self._queue = self._queue, []
+            _settle(left, [Unavailable("the control plane is stopping")] * len(left))
+
+    async def _run(self, batch: list[tuple[R, asyncio.Future[T]]]) -> None:
+        self.batches += 1
+        try:
+            results = await self._apply([request for request, _ in batch])
+        except Unavailable as exc:
+            _settle(batch, [exc] * len(batch))
+        except asyncio.CancelledError:
+            _settle(batch, [Unavailable("the control plane is stopping")] * len(batch))
+            raise
+        except Exception as exc:
+            if len(batch) == 1:
+                _settle(batch, [exc])
+                return
+            log.warning("a group commit of %d failed (%s); retrying one by one", len(batch), exc)
+            for one in batch:
+                await self._run([one])
+        else:
+            _settle(batch, results)
+
+
+def _settle(batch: Sequence[tuple[object, asyncio.Future[T]]], results: Sequence[T | Exception]) -> None:
+    for (_, future), result in zip(batch, results, strict=True):
+        if future.done():  # the caller gave up waiting; what was committed stays committed
+            continue
+        if isinstance(result, Exception):
+            future.set_exception(result)
+        else:
+            future.set_result(result)

@@ -1,0 +1,188 @@
+"""Group commit of outcomes and submissions, on SQLite and on PostgreSQL: every caller gets its own
+answer, a bad request in a batch fails alone, and the event log stays gap-free."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from pathlib import Path
+
+import pytest
+from harness import JobsClient, RawWorker, running_plane, settings_for
+from ias.v1 import job_pb2
+from ias.v1 import worker_service_pb2 as wpb
+
+from control_plane.domain.jobs import Job, JobResult, JobStatus
+from control_plane.domain.workers import Event, EventKind
+from control_plane.errors import NotFound, StaleLease
+from control_plane.queue import Assignee, JobQueue, NewJob
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest) -> str:
+    return "" if request.param == "sqlite" else str(request.getfixturevalue("pg_url"))
+
+
+def assert_gap_free(events: list[Event]) -> None:
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+
+
+async def claimed_jobs(queue: JobQueue, count: int) -> list[Job]:
+    """``count`` jobs, each running on its own (ghost) worker at lease epoch 1."""
+    for _ in range(count):
+        await queue.submit(workspace_id="default", new=NewJob(type="noop"))
+    assignees = [Assignee(f"wrk_{i}", f"ses_{i}") for i in range(count)]
+    claimed = await queue.claim(workspace_id="default", types=["noop"], repo_ids=[], assignees=assignees)
+    assert len(claimed) == count
+    return [job for job, _ in claimed]
+
+
+async def test_outcomes_from_many_streams_each_get_their_own_ack(tmp_path: Path, db_url: str) -> None:
+    async with running_plane(settings_for(tmp_path, db_url=db_url)) as cp:
+        workers = [RawWorker(cp.address, cp.worker) for _ in range(8)]
+        for i, w in enumerate(workers):
+            await w.hello(f"w{i}")
+        jobs = JobsClient(cp.address, cp.admin)
+        submitted = {(await jobs.submit("noop")).id for _ in workers}
+        assignments = [(await w.read("assignment")).assignment for w in workers]
+        assert {a.job.id for a in assignments} == submitted
+        await asyncio.gather(
+            *(
+                w.send(
+                    outcome=wpb.Outcome(
+                        job_id=a.job.id, lease_epoch=a.lease_epoch, status=job_pb2.JOB_STATUS_DONE
+                    )
+                )
+                for w, a in zip(workers, assignments, strict=True)
+            )
+        )
+        for w, a in zip(workers, assignments, strict=True):
+            ack = (await w.read("outcome_ack")).outcome_ack
+            assert (ack.job_id, ack.lease_epoch, ack.duplicate) == (a.job.id, 1, False)
+        for job_id in submitted:
+            assert (await jobs.get(job_id)).status == job_pb2.JOB_STATUS_DONE
+        events = await cp.plane.queue.events_since("default", 0)
+        assert_gap_free(events)
+        finished = [e.job.id for e in events if e.kind is EventKind.JOB_FINISHED and e.job]
+        assert sorted(finished) == sorted(submitted)
+        for w in workers:
+            await w.close()
+        await jobs.close()
+
+
+async def test_a_stale_outcome_in_a_batch_is_rejected_without_touching_the_others(
+    tmp_path: Path, db_url: str
+) -> None:
+    async with running_plane(settings_for(tmp_path, db_url=db_url)) as cp:
+        queue = cp.plane.queue
+        a, b, c, d = await claimed_jobs(queue, 4)
+
+        def outcome(
+            job: Job, *, epoch: int = 1, worker_id: str = "", summary: str = "ok"
+        ) -> Awaitable[tuple[Job, bool]]:
+            return queue.record_outcome(
+                workspace_id="default",
+                worker_id=worker_id or job.worker_id,
+                job_id=job.id,
+                epoch=epoch,
+                status=JobStatus.DONE,
+                result=JobResult(summary=summary),
+            )
+
+        # Started together, these land in one group commit, in this order.
+        answers = await asyncio.gather(
+            outcome(a, summary="first"),
+            outcome(b, epoch=2),  # a lease it never had
+            outcome(c, worker_id="wrk_other"),  # not the holder
+            outcome(d),
+            outcome(a, summary="replay"),  # right behind its original, in the same batch
+            queue.record_outcome(
+                workspace_id="default",
+                worker_id="wrk_0",
+                job_id="job_missing",
+                epoch=1,
+                status=JobStatus.DONE,
+                result=JobResult(),
+            ),
+            return_exceptions=True,
+        )
+        done_a, stale_b, stale_c, done_d, replay_a, missing = answers
+        assert isinstance(done_a, tuple) and done_a[1] is False and done_a[0].status is JobStatus.DONE
+        assert isinstance(stale_b, StaleLease) and isinstance(stale_c, StaleLease)
+        assert isinstance(done_d, tuple) and done_d[1] is False
+        assert isinstance(replay_a, tuple) and replay_a[1] is True
+        assert isinstance(missing, NotFound)
+
+        stored = {j: await queue.get(workspace_id="default", job_id=j) for j in (a.id, b.id, c.id, d.id)}
+        assert stored[a.id].status is JobStatus.DONE and stored[a.id].result == JobResult(summary="first")
+        assert stored[d.id].status is JobStatus.DONE
+        for untouched in (b, c):
+            assert (stored[untouched.id].status, stored[untouched.id].lease_epoch) == (JobStatus.RUNNING, 1)
+
+        events = await queue.events_since("default", 0)
+        assert_gap_free(events)
+        finished = [e for e in events if e.kind is EventKind.JOB_FINISHED]
+        assert sorted(e.job.id for e in finished if e.job) == sorted([a.id, d.id])
+        assert len({e.occurred_at for e in finished}) == 1, "both outcomes in one transaction"
+
+
+async def test_a_retryable_failure_in_a_batch_requeues_and_is_dispatched_again(
+    tmp_path: Path, db_url: str
+) -> None:
+    async with running_plane(settings_for(tmp_path, db_url=db_url)) as cp:
+        queue = cp.plane.queue
+        a, b = await claimed_jobs(queue, 2)
+        failed, done = await asyncio.gather(
+            queue.record_outcome(
+                workspace_id="default",
+                worker_id=a.worker_id,
+                job_id=a.id,
+                epoch=1,
+                status=JobStatus.FAILED,
+                result=JobResult(error_code="flaky", retryable=True),
+            ),
+            queue.record_outcome(
+                workspace_id="default",
+                worker_id=b.worker_id,
+                job_id=b.id,
+                epoch=1,
+                status=JobStatus.DONE,
+                result=JobResult(),
+            ),
+        )
+        assert (failed[0].status, failed[0].attempt) == (JobStatus.PENDING, 2)
+        assert done[0].status is JobStatus.DONE
+        w = RawWorker(cp.address, cp.worker)
+        await w.hello("w")
+        again = (await w.read("assignment")).assignment
+        assert (again.job.id, again.job.attempt, again.lease_epoch) == (a.id, 2, 2)
+        kinds = [e.kind for e in await queue.events_since("default", 0) if e.job and e.job.id == a.id]
+        assert kinds.count(EventKind.JOB_REQUEUED) == 1
+        await w.close()
+
+
+async def test_concurrent_submissions_share_a_transaction_and_keep_the_log_gap_free(
+    tmp_path: Path, db_url: str
+) -> None:
+    async with running_plane(settings_for(tmp_path, db_url=db_url)) as cp:
+        queue = cp.plane.queue
+        results = await asyncio.gather(
+            *(
+                queue.submit(workspace_id="default", new=NewJob(type="noop", run_id=f"r{i}"))
+                for i in range(20)
+            )
+        )
+        jobs = [job for job, existing in results if not existing]
+        assert len({j.id for j in jobs}) == 20
+        assert [j.run_id for j in jobs] == [f"r{i}" for i in range(20)]
+        # Keyed submissions take their own transaction and still find the first one.
+        keyed = [
+            await queue.submit(workspace_id="default", new=NewJob(type="noop", idempotency_key="k"))
+            for _ in range(2)
+        ]
+        assert keyed[0][0].id == keyed[1][0].id and keyed[1][1] is True
+        events = await queue.events_since("default", 0)
+        assert_gap_free(events)
+        submitted = [e for e in events if e.kind is EventKind.JOB_SUBMITTED]
+        assert [e.job.id for e in submitted if e.job] == [j.id for j in jobs] + [keyed[0][0].id]
+        assert len({e.occurred_at for e in submitted[:20]}) == 1, "one transaction for the 20"

@@ -1,0 +1,82 @@
+"""GroupCommit: batching without a timer, one answer per caller, one-by-one retry of a failed batch."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+
+from control_plane.errors import StaleLease, Unavailable
+from control_plane.group_commit import GroupCommit
+
+
+class Recorder:
+    """An ``apply`` that doubles numbers, rejects negatives, and fails whole batches on demand."""
+
+    def __init__(self, *, fail_batches_with: Exception | None = None) -> None:
+        self.batches: list[list[int]] = []
+        self.fail_batches_with = fail_batches_with
+
+    async def __call__(self, requests: Sequence[int]) -> list[int | Exception]:
+        self.batches.append(list(requests))
+        await asyncio.sleep(0.01)  # a transaction in flight
+        if self.fail_batches_with is not None and (len(requests) > 1 or requests[0] == 13):
+            raise self.fail_batches_with
+        return [StaleLease(f"{r} is stale") if r < 0 else r * 2 for r in requests]
+
+
+async def test_a_lone_request_is_applied_at_once_and_later_ones_share_a_batch() -> None:
+    apply = Recorder()
+    batcher: GroupCommit[int, int] = GroupCommit(apply)
+    assert await batcher(1) == 2
+    results = await asyncio.gather(*(batcher(n) for n in range(2, 7)))
+    assert results == [4, 6, 8, 10, 12]
+    assert apply.batches == [[1], [2, 3, 4, 5, 6]]
+
+
+async def test_requests_arriving_during_a_transaction_go_in_the_next_one() -> None:
+    apply = Recorder()
+    batcher: GroupCommit[int, int] = GroupCommit(apply, max_batch=3)
+    first = asyncio.create_task(batcher(1))
+    await asyncio.sleep(0.001)  # the first transaction is in flight
+    rest = await asyncio.gather(*(batcher(n) for n in range(2, 7)))
+    assert (await first, rest) == (2, [4, 6, 8, 10, 12])
+    assert apply.batches == [[1], [2, 3, 4], [5, 6]]
+
+
+async def test_each_caller_gets_its_own_answer() -> None:
+    batcher: GroupCommit[int, int] = GroupCommit(Recorder())
+    results = await asyncio.gather(batcher(1), batcher(-1), batcher(3), return_exceptions=True)
+    assert results[0] == 2 and results[2] == 6
+    assert isinstance(results[1], StaleLease)
+
+
+async def test_a_failed_batch_is_retried_one_by_one() -> None:
+    apply = Recorder(fail_batches_with=RuntimeError("deadlock detected"))
+    batcher: GroupCommit[int, int] = GroupCommit(apply)
+    results = await asyncio.gather(batcher(1), batcher(13), batcher(3), return_exceptions=True)
+    assert results[0] == 2 and results[2] == 6
+    assert isinstance(results[1], RuntimeError)
+    assert apply.batches == [[1, 13, 3], [1], [13], [3]]
+
+
+async def test_an_unavailable_database_fails_the_batch_without_retries() -> None:
+    apply = Recorder(fail_batches_with=Unavailable("database unavailable"))
+    batcher: GroupCommit[int, int] = GroupCommit(apply)
+    results = await asyncio.gather(batcher(1), batcher(2), return_exceptions=True)
+    assert all(isinstance(r, Unavailable) for r in results)
+    assert apply.batches == [[1, 2]]
+
+
+async def test_a_caller_that_gives_up_does_not_disturb_the_others() -> None:
+    apply = Recorder()
+    batcher: GroupCommit[int, int] = GroupCommit(apply)
+    impatient = asyncio.create_task(batcher(1))
+    patient = asyncio.create_task(batcher(2))
+    await asyncio.sleep(0.001)
+    impatient.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await impatient
+    assert await patient == 4
+    assert apply.batches == [[1, 2]]  # what was sent is still committed

@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import sys
 from datetime import timedelta
 from importlib.metadata import entry_points
@@ -88,31 +87,30 @@ def _state_dir() -> Path:
 
 
 @worker.command("start")
-@connection_options
+@click.option(
+    "--control-plane",
+    default=None,
+    help="Control plane HOST:PORT.  [config: control_plane; "
+    "env var: IAS_CONTROL_PLANE; default: 127.0.0.1:50051]",
+)
+@click.option("--token", default=None, help="Worker token (ias_...).  [config: token; env var: IAS_TOKEN]")
 @click.option(
     "--name",
-    envvar="IAS_WORKER_NAME",
-    show_envvar=True,
-    default=socket.gethostname,
-    show_default="host name",
-    help="Worker name, unique in the workspace.",
+    default=None,
+    help="Worker name, unique in the workspace.  [config: worker_name; "
+    "env var: IAS_WORKER_NAME; default: the host name]",
 )
 @click.option(
     "--slots",
-    envvar="IAS_WORKER_SLOTS",
-    show_envvar=True,
     type=click.IntRange(1, 256),
-    default=1,
-    show_default=True,
-    help="Jobs run at once.",
+    default=None,
+    help="Jobs run at once.  [config: slots; env var: IAS_WORKER_SLOTS; default: 1]",
 )
 @click.option(
-    "--repo-id",
-    "repo_ids",
-    multiple=True,
-    envvar="IAS_REPO_IDS",
-    show_envvar=True,
-    help="Repository identity mapped on this machine (repeatable).",
+    "--tls-ca",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="CA bundle: connect with TLS.  [config: tls_ca; env var: IAS_TLS_CA]",
 )
 @click.option(
     "--shutdown-grace-s",
@@ -123,43 +121,48 @@ def _state_dir() -> Path:
     show_default=True,
     help="How long a graceful stop waits for running jobs.",
 )
-@click.option(
-    "--tls-ca",
-    envvar="IAS_TLS_CA",
-    show_envvar=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="CA bundle: connect with TLS.",
-)
 def worker_start(
-    control_plane: str,
+    control_plane: str | None,
     token: str | None,
-    name: str,
-    slots: int,
-    repo_ids: tuple[str, ...],
-    shutdown_grace_s: float,
+    name: str | None,
+    slots: int | None,
     tls_ca: Path | None,
+    shutdown_grace_s: float,
 ) -> None:
     """Connect to the control plane and run the jobs it pushes until stopped (Ctrl-C: graceful,
-    twice: hard)."""
+    twice: hard). Settings come from flags, then IAS_* variables, then $IAS_HOME/config.json
+    (written by `ias setup`); jobs run only for the repositories linked with `ias repo link`."""
+    from worker.config import ConfigError, load_config
     from worker.daemon import WorkerDaemon, WorkerFatal, WorkerSettings
-    from worker.handlers import default_registry
+    from worker.registry import full_registry
 
+    try:
+        config = load_config()
+    except ConfigError as exc:
+        fail(str(exc))
+        raise
+    token = token or config.token
     if not token:
-        fail("no token: pass --token or set IAS_TOKEN (ias server token create --role worker prints one)")
+        fail(
+            "no token: run `ias setup --token ...`, pass --token or set IAS_TOKEN "
+            "(`ias server token create --role worker` prints one)"
+        )
+    name = name or config.worker_name
     state = _state_dir()
     state.mkdir(parents=True, exist_ok=True)
     settings = WorkerSettings(
-        control_plane=control_plane,
+        control_plane=control_plane or config.control_plane,
         token=token or "",
         name=name,
-        slots=slots,
-        repo_ids=repo_ids,
-        tls_ca=tls_ca,
+        slots=slots or config.slots,
+        repo_ids=tuple(config.repo_paths),
+        repo_paths=config.repo_paths,
+        tls_ca=tls_ca or config.tls_ca,
         shutdown_grace=timedelta(seconds=shutdown_grace_s),
         status_file=state / f"worker-{name}.json",
         journal_dir=state / "journal" / name,
     )
-    daemon = WorkerDaemon(settings=settings, registry=default_registry())
+    daemon = WorkerDaemon(settings=settings, registry=full_registry())
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

@@ -289,7 +289,8 @@ class WorkerDaemon:
         await self._stopping.wait()
         self._send(wpb.ConnectRequest(draining=wpb.Draining(reason="stopping")))
         try:
-            await asyncio.wait_for(self._jobs_finished(), self._settings.shutdown_grace.total_seconds())
+            async with asyncio.timeout(self._settings.shutdown_grace.total_seconds()):
+                await self._jobs_finished()
         except TimeoutError:
             for running in list(self._jobs.values()):
                 self._release(running, CancelReason.WORKER_STOPPING)

@@ -68,7 +68,9 @@ class JobContext:
     async def sleep(self, seconds: float) -> bool:
         """Sleep unless aborted; returns False if the sleep was cut short by an abort."""
         try:
-            await asyncio.wait_for(self._abort.wait(), seconds)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.
+            async with asyncio.timeout(seconds):
+                await self._abort.wait()
             return False
         except TimeoutError:
             return True

@@ -28,6 +28,12 @@ def job_json(job: job_pb2.Job) -> dict[str, Any]:
     data["status"] = job_pb2.JobStatus.Name(job.status).removeprefix("JOB_STATUS_").lower()
     data["payload"] = json.loads(job.payload_json or "{}")
     del data["payload_json"]
+    # JSON mapping of protobuf renders 64-bit integers as strings; a shell user wants numbers.
+    data["lease_epoch"] = job.lease_epoch
+    result = data.get("result")
+    if result is not None:
+        result["duration_ms"] = job.result.duration_ms
+        result["counts"] = dict(job.result.counts)
     return data
 
 

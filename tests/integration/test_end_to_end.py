@@ -44,7 +44,7 @@ def test_a_killed_worker_s_job_runs_elsewhere_exactly_once(tmp_path: Path) -> No
         watched = ias("jobs", "watch", job["id"], "--json", env=env, timeout=60)
         assert watched.returncode == 0, watched.stderr
         final = show(server.address, admin, job["id"])
-        assert (final["status"], final["attempt"], final["lease_epoch"]) == ("done", 2, "2")
+        assert (final["status"], final["attempt"], final["lease_epoch"]) == ("done", 2, 2)
         finished = [
             json.loads(line) for line in watched.stdout.splitlines() if json.loads(line)["status"] == "done"
         ]
@@ -75,7 +75,7 @@ def test_workers_reconnect_after_a_server_restart_and_keep_their_job(tmp_path: P
             what="the long job finished after the restart",
         )
         kept = show(port_pinned.address, admin, job["id"])
-        assert (kept["attempt"], kept["lease_epoch"]) == (1, "1"), "the job kept its lease across the restart"
+        assert (kept["attempt"], kept["lease_epoch"]) == (1, 1), "the job kept its lease across the restart"
     finally:
         assert worker.stop() == 0
         port_pinned.stop()

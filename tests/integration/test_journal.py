@@ -36,7 +36,7 @@ def test_an_outcome_journaled_while_offline_is_replayed_once_after_a_crash(tmp_p
             what="journaled outcome recorded",
         )
         final = show(again.address, admin, job["id"])
-        assert (final["attempt"], final["lease_epoch"]) == (1, "1")
+        assert (final["attempt"], final["lease_epoch"]) == (1, 1)
         wait_until(lambda: not list(journal.glob("*.frame")), timeout=10, what="journal emptied")
         status = json.loads((home / "worker-j.json").read_text())
         assert status["name"] == "j"

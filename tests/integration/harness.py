@@ -20,6 +20,8 @@ from control_plane.app import ControlPlane, build, mint_token
 from control_plane.auth.tokens import Role
 from control_plane.config import ServerSettings
 from worker.client import bearer, open_channel
+from worker.daemon import WorkerDaemon, WorkerSettings
+from worker.handlers import default_registry
 
 
 @dataclass
@@ -62,6 +64,23 @@ async def running_plane(settings: ServerSettings) -> AsyncIterator[Running]:
         yield Running(plane=plane, admin=admin, worker=worker)
     finally:
         await plane.stop(grace=0.5)
+
+
+@asynccontextmanager
+async def running_daemon(
+    address: str, token: str, name: str = "d", **settings: Any
+) -> AsyncIterator[WorkerDaemon]:
+    """A real worker daemon in this event loop, stopped gracefully on exit."""
+    daemon = WorkerDaemon(
+        settings=WorkerSettings(control_plane=address, token=token, name=name, **settings),
+        registry=default_registry(),
+    )
+    task = asyncio.create_task(daemon.run())
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+        await asyncio.wait_for(task, 10)
 
 
 class JobsClient:

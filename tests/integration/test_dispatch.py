@@ -9,14 +9,12 @@ from pathlib import Path
 import grpc
 import pytest
 from conftest import eventually
-from harness import JobsClient, RawWorker, running_plane, settings_for
+from harness import JobsClient, RawWorker, running_daemon, running_plane, settings_for
 from ias.v1 import job_pb2
 from ias.v1 import worker_service_pb2 as wpb
 
 from control_plane.domain.jobs import JobStatus
 from control_plane.queue import Assignee
-from worker.daemon import WorkerDaemon, WorkerSettings
-from worker.handlers import default_registry
 
 
 async def test_a_job_is_pushed_to_the_worker_that_can_run_it(tmp_path: Path) -> None:
@@ -44,16 +42,10 @@ async def test_a_job_waits_for_a_worker_and_is_delivered_when_one_connects(tmp_p
         job = await jobs.submit("noop", payload='{"seconds": 0}')
         await asyncio.sleep(0.2)
         assert (await jobs.get(job.id)).status == job_pb2.JOB_STATUS_PENDING
-        daemon = WorkerDaemon(
-            settings=WorkerSettings(control_plane=cp.address, token=cp.worker, name="late"),
-            registry=default_registry(),
-        )
-        task = asyncio.create_task(daemon.run())
-        await eventually(lambda: _status(jobs, job.id, job_pb2.JOB_STATUS_DONE), what="job done")
-        done = await jobs.get(job.id)
-        assert (done.attempt, done.lease_epoch, done.result.summary) == (1, 1, "slept 0 s")
-        daemon.stop()
-        await asyncio.wait_for(task, 10)
+        async with running_daemon(cp.address, cp.worker, "late"):
+            await eventually(lambda: _status(jobs, job.id, job_pb2.JOB_STATUS_DONE), what="job done")
+            done = await jobs.get(job.id)
+            assert (done.attempt, done.lease_epoch, done.result.summary) == (1, 1, "slept 0 s")
         await jobs.close()
 
 
@@ -191,60 +183,38 @@ async def test_a_new_session_fences_out_the_old_one(tmp_path: Path) -> None:
 async def test_a_retryable_failure_runs_again_and_a_final_one_fails(tmp_path: Path) -> None:
     async with running_plane(settings_for(tmp_path)) as cp:
         jobs = JobsClient(cp.address, cp.admin)
-        daemon = WorkerDaemon(
-            settings=WorkerSettings(control_plane=cp.address, token=cp.worker, name="d"),
-            registry=default_registry(),
-        )
-        task = asyncio.create_task(daemon.run())
-        job = await jobs.submit("noop", payload='{"fail": "flaky", "retryable": true}', max_attempts=2)
-        await eventually(lambda: _status(jobs, job.id, job_pb2.JOB_STATUS_FAILED), what="job failed")
-        failed = await jobs.get(job.id)
-        assert (failed.attempt, failed.lease_epoch, failed.result.error_code) == (2, 2, "noop_failed")
-        daemon.stop()
-        await asyncio.wait_for(task, 10)
+        async with running_daemon(cp.address, cp.worker, "d"):
+            job = await jobs.submit("noop", payload='{"fail": "flaky", "retryable": true}', max_attempts=2)
+            await eventually(lambda: _status(jobs, job.id, job_pb2.JOB_STATUS_FAILED), what="job failed")
+            failed = await jobs.get(job.id)
+            assert (failed.attempt, failed.lease_epoch, failed.result.error_code) == (2, 2, "noop_failed")
         await jobs.close()
 
 
 async def test_cancelling_a_running_job_stops_it_on_the_worker(tmp_path: Path) -> None:
     async with running_plane(settings_for(tmp_path)) as cp:
         jobs = JobsClient(cp.address, cp.admin)
-        daemon = WorkerDaemon(
-            settings=WorkerSettings(control_plane=cp.address, token=cp.worker, name="d"),
-            registry=default_registry(),
-        )
-        task = asyncio.create_task(daemon.run())
-        job = await jobs.submit("noop", payload='{"seconds": 30}')
-        await eventually(lambda: job.id in daemon.running_jobs, what="job running")
-        from ias.v1 import job_service_pb2 as jpb
+        async with running_daemon(cp.address, cp.worker, "d") as daemon:
+            job = await jobs.submit("noop", payload='{"seconds": 30}')
+            await eventually(lambda: job.id in daemon.running_jobs, what="job running")
+            from ias.v1 import job_service_pb2 as jpb
 
-        cancelled = (await jobs.stub.CancelJob(jpb.CancelJobRequest(job_id=job.id), metadata=jobs.md)).job
-        assert cancelled.status == job_pb2.JOB_STATUS_CANCELLED
-        await eventually(lambda: job.id not in daemon.running_jobs, what="worker stopped the job")
-        with pytest.raises(grpc.aio.AioRpcError) as err:
-            await jobs.stub.CancelJob(jpb.CancelJobRequest(job_id=job.id), metadata=jobs.md)
-        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        daemon.stop()
-        await asyncio.wait_for(task, 10)
+            cancelled = (await jobs.stub.CancelJob(jpb.CancelJobRequest(job_id=job.id), metadata=jobs.md)).job
+            assert cancelled.status == job_pb2.JOB_STATUS_CANCELLED
+            await eventually(lambda: job.id not in daemon.running_jobs, what="worker stopped the job")
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await jobs.stub.CancelJob(jpb.CancelJobRequest(job_id=job.id), metadata=jobs.md)
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         await jobs.close()
 
 
 async def test_graceful_worker_stop_hands_back_what_it_cannot_finish(tmp_path: Path) -> None:
     async with running_plane(settings_for(tmp_path)) as cp:
         jobs = JobsClient(cp.address, cp.admin)
-        daemon = WorkerDaemon(
-            settings=WorkerSettings(
-                control_plane=cp.address,
-                token=cp.worker,
-                name="d",
-                shutdown_grace=timedelta(milliseconds=300),
-            ),
-            registry=default_registry(),
-        )
-        task = asyncio.create_task(daemon.run())
-        job = await jobs.submit("noop", payload='{"seconds": 60}')
-        await eventually(lambda: job.id in daemon.running_jobs, what="job running")
-        daemon.stop()
-        await asyncio.wait_for(task, 10)
+        grace = timedelta(milliseconds=300)
+        async with running_daemon(cp.address, cp.worker, "d", shutdown_grace=grace) as daemon:
+            job = await jobs.submit("noop", payload='{"seconds": 60}')
+            await eventually(lambda: job.id in daemon.running_jobs, what="job running")
         back = await jobs.get(job.id)
         assert (back.status, back.attempt) == (job_pb2.JOB_STATUS_PENDING, 1)
         await jobs.close()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from conftest import wait_until
-from processes import Server, Worker, show, submit
+from processes import Server, Worker, ias, ias_env, show, submit
 
 pytestmark = pytest.mark.slow
 
@@ -38,8 +38,9 @@ def test_an_outcome_journaled_while_offline_is_replayed_once_after_a_crash(tmp_p
         final = show(again.address, admin, job["id"])
         assert (final["attempt"], final["lease_epoch"]) == (1, 1)
         wait_until(lambda: not list(journal.glob("*.frame")), timeout=10, what="journal emptied")
-        status = json.loads((home / "worker-j.json").read_text())
-        assert status["name"] == "j"
+        shown = ias("worker", "status", "--json", env=ias_env(IAS_HOME=str(home)))
+        [status] = json.loads(shown.stdout)
+        assert (status["name"], status["control_plane"]) == ("j", again.address)
     finally:
         first.kill()
         if second is not None:

@@ -110,6 +110,7 @@ class JobQueue:
         self._settings = settings
         self._on_available = on_available
         self._clock = clock
+        self._started = clock()
         self._submits: GroupCommit[Job, Job] = GroupCommit(self._insert_jobs)
         self._outcomes: GroupCommit[_Outcome, tuple[Job, bool]] = GroupCommit(self._record_outcomes)
 
@@ -395,12 +396,14 @@ class JobQueue:
                     Draft(EventKind.WORKER_DISCONNECTED, worker=worker, reason="replica_lost"),
                 )
             moved = 0
+            lost: list[Job] = []
+            # A replica that just started gives every worker one grace to reconnect first: their
+            # sessions broke when the previous process stopped, however long ago that was.
+            if tx.now - self._started >= grace:
+                lost = await jobs_store.orphaned(tx.conn, now=tx.now, grace=grace, limit=_SWEEP_BATCH)
             for reason, stale in (
                 ("lease_expired", await jobs_store.expired(tx.conn, now=tx.now, limit=_SWEEP_BATCH)),
-                (
-                    "worker_lost",
-                    await jobs_store.orphaned(tx.conn, now=tx.now, grace=grace, limit=_SWEEP_BATCH),
-                ),
+                ("worker_lost", lost),
             ):
                 for job in stale:
                     moved += await self._requeue(tx, job, reason)

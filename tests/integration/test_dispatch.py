@@ -225,3 +225,28 @@ def test_status_enum_matches_the_domain() -> None:
         job_pb2.JobStatus.Name(v).removeprefix("JOB_STATUS_").lower() for v in job_pb2.JobStatus.values()
     }
     assert names - {"unspecified"} == {s.value for s in JobStatus}
+
+
+async def test_a_restarted_replica_lets_workers_reconnect_before_requeueing(tmp_path: Path) -> None:
+    grace = timedelta(seconds=1)
+    async with running_plane(settings_for(tmp_path, reconnect_grace=grace)) as first:
+        w = RawWorker(first.address, first.worker)
+        await w.hello("w1")
+        jobs = JobsClient(first.address, first.admin)
+        job = await jobs.submit("noop")
+        epoch = (await w.read("assignment")).assignment.lease_epoch
+        await jobs.close()
+    await w.close()
+    await asyncio.sleep(1.5)  # the control plane stays down for longer than the grace
+    async with running_plane(settings_for(tmp_path, reconnect_grace=grace)) as second:
+        await asyncio.sleep(0.5)  # a few sweeps run before the worker is back, within the grace
+        back = RawWorker(second.address, second.worker)
+        welcome = await back.hello("w1", held=((job.id, epoch),))
+        assert [h.job_id for h in welcome.adopted_jobs] == [job.id]
+        await back.send(outcome=wpb.Outcome(job_id=job.id, lease_epoch=epoch, status=job_pb2.JOB_STATUS_DONE))
+        assert not (await back.read("outcome_ack")).outcome_ack.duplicate
+        jobs = JobsClient(second.address, second.admin)
+        done = await jobs.get(job.id)
+        assert (done.status, done.attempt) == (job_pb2.JOB_STATUS_DONE, 1)
+        await back.close()
+        await jobs.close()

@@ -7,16 +7,17 @@ import secrets
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, insert, or_, select, update
+from sqlalchemy import delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from control_plane.domain.workers import Worker, WorkerStatus
 from control_plane.store import codec
-from control_plane.store.tables import ReplicaRow, SigningKeyRow, WorkerRow
+from control_plane.store.tables import JobRow, ReplicaRow, SigningKeyRow, WorkerRow
 
 _workers = WorkerRow.__table__  # type: ignore[attr-defined]
 _replicas = ReplicaRow.__table__  # type: ignore[attr-defined]
 _keys = SigningKeyRow.__table__  # type: ignore[attr-defined]
+_jobs = JobRow.__table__  # type: ignore[attr-defined]
 
 
 async def connect(
@@ -87,8 +88,14 @@ async def list_workers(conn: AsyncConnection, *, workspace_id: str, include_offl
     query = select(_workers).where(_workers.c.workspace_id == workspace_id)
     if not include_offline:
         query = query.where(_workers.c.status != WorkerStatus.OFFLINE.value)
-    rows = await conn.execute(query.order_by(_workers.c.name))
-    return [codec.worker_from_row(row) for row in rows.mappings()]
+    rows = (await conn.execute(query.order_by(_workers.c.name))).mappings().all()
+    running = await conn.execute(
+        select(_jobs.c.worker_id, func.count())
+        .where(_jobs.c.workspace_id == workspace_id, _jobs.c.status == "running")
+        .group_by(_jobs.c.worker_id)
+    )
+    counts: dict[str, int] = {row[0]: row[1] for row in running.all()}
+    return [codec.worker_from_row(row, running=counts.get(row["id"], 0)) for row in rows]
 
 
 async def touch_replica(conn: AsyncConnection, *, replica_id: str, now: datetime) -> None:

@@ -10,6 +10,8 @@ import grpc
 import pytest
 from conftest import eventually
 from harness import JobsClient, RawWorker, running_daemon, running_plane, settings_for
+from ias.v1 import console_service_pb2 as cpb
+from ias.v1 import console_service_pb2_grpc as cpb_grpc
 from ias.v1 import job_pb2
 from ias.v1 import worker_service_pb2 as wpb
 
@@ -250,3 +252,29 @@ async def test_a_restarted_replica_lets_workers_reconnect_before_requeueing(tmp_
         assert (done.status, done.attempt) == (job_pb2.JOB_STATUS_DONE, 1)
         await back.close()
         await jobs.close()
+
+
+async def test_list_workers_shows_live_status_and_running_jobs(tmp_path: Path) -> None:
+    async with running_plane(settings_for(tmp_path)) as cp:
+        w = RawWorker(cp.address, cp.worker)
+        await w.hello("busy", slots=2, repo_ids=("r1",))
+        jobs = JobsClient(cp.address, cp.admin)
+        await jobs.submit("noop")
+        await w.read("assignment")
+        console = cpb_grpc.ConsoleServiceStub(jobs.channel)
+        [worker] = (await console.ListWorkers(cpb.ListWorkersRequest(), metadata=jobs.md)).workers
+        assert (worker.name, worker.status, worker.running, worker.slots) == (
+            "busy",
+            job_pb2.WORKER_STATUS_ONLINE,
+            1,
+            2,
+        )
+        assert list(worker.repo_ids) == ["r1"]
+        await w.close()
+        await eventually(lambda: _offline(console, jobs), what="worker offline")
+        await jobs.close()
+
+
+async def _offline(console: cpb_grpc.ConsoleServiceAsyncStub, jobs: JobsClient) -> bool:
+    reply = await console.ListWorkers(cpb.ListWorkersRequest(include_offline=True), metadata=jobs.md)
+    return [w.status for w in reply.workers] == [job_pb2.WORKER_STATUS_OFFLINE]

@@ -18,6 +18,13 @@ from control_plane.errors import IasError
 log = logging.getLogger(__name__)
 
 
+def daemon_logging() -> None:
+    """The server logs what it does (INFO) unless -v asked for more; Alembic stays quiet."""
+    root = logging.getLogger()
+    root.setLevel(min(root.level, logging.INFO))
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
 def fail(message: str) -> None:
     click.echo(f"ias: {message}", err=True)
     raise SystemExit(2)
@@ -135,6 +142,7 @@ async def serve(settings: ServerSettings, *, ready_file: Path | None = None) -> 
     """Build, start and run a replica until a signal arrives."""
     from control_plane.app import build
 
+    daemon_logging()
     plane = await build(settings)
     await plane.start()
     if ready_file is not None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import click
 
+from control_plane.cli import daemon_logging
 from control_plane.config import DEFAULT_WORKSPACE, ServerSettings
 
 
@@ -75,6 +76,7 @@ def dev(
     worker_slots: int,
 ) -> None:
     """Start the control plane (SQLite), a local worker and, when installed, the Console."""
+    daemon_logging()
     settings = ServerSettings(
         data_dir=data_dir.resolve(),
         listen=f"127.0.0.1:{grpc_port}",
@@ -126,10 +128,14 @@ async def _dev(settings: ServerSettings, *, console_port: int, worker_slots: int
     }
     await asyncio.to_thread((settings.data_dir / "dev.json").write_text, json.dumps(info, indent=2))
     click.echo(
-        f"IAS is running.\n  control plane  {plane.address}\n"
-        f"  console        {console_url or 'not installed'}\n  workspace      {DEFAULT_WORKSPACE}\n"
-        f"  try            IAS_CONTROL_PLANE={plane.address} IAS_TOKEN=$(jq -r .token "
-        f"{settings.data_dir}/dev.json) ias jobs submit --type noop --payload '{{\"seconds\": 1}}' --wait\n"
+        f"IAS is running (the same in {settings.data_dir / 'dev.json'}).\n"
+        f"  control plane  {plane.address}\n"
+        f"  console        {console_url or 'not installed'}\n"
+        f"  workspace      {DEFAULT_WORKSPACE}\n"
+        f"  token          {admin}\n"
+        f"Try, in another shell:\n"
+        f"  export IAS_CONTROL_PLANE={plane.address} IAS_TOKEN={admin}\n"
+        "  ias jobs submit --type noop --payload '{\"seconds\": 1}' --wait\n"
         "Ctrl-C stops everything."
     )
     stopped = asyncio.Event()

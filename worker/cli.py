@@ -49,12 +49,19 @@ class LazyGroup(click.Group):
 @click.version_option(__version__, prog_name="ias")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 def ias(verbose: int) -> None:
-    level = logging.WARNING - 10 * verbose if verbose else logging.INFO
+    # One-shot commands log warnings only; daemons raise this to INFO (see `daemon_logging`).
     logging.basicConfig(
-        level=max(level, logging.DEBUG),
+        level=max(logging.WARNING - 10 * verbose, logging.DEBUG),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+
+
+def daemon_logging() -> None:
+    """Long-running commands log what they do (INFO) unless -v asked for more."""
+    root = logging.getLogger()
+    root.setLevel(min(root.level, logging.INFO))
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -136,6 +143,7 @@ def worker_start(
     from worker.daemon import WorkerDaemon, WorkerFatal, WorkerSettings
     from worker.registry import full_registry
 
+    daemon_logging()
     try:
         config = load_config()
     except ConfigError as exc:

@@ -8,7 +8,7 @@ import logging
 import signal
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -25,7 +25,7 @@ def daemon_logging() -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     click.echo(f"ias: {message}", err=True)
     raise SystemExit(2)
 

@@ -13,7 +13,7 @@ import sys
 from datetime import timedelta
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -64,7 +64,7 @@ def daemon_logging() -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
-def fail(message: str, code: int = 2) -> None:
+def fail(message: str, code: int = 2) -> NoReturn:
     """Exit with a one-line error and no traceback."""
     click.echo(f"ias: {message}", err=True)
     raise SystemExit(code)
@@ -148,7 +148,6 @@ def worker_start(
         config = load_config()
     except ConfigError as exc:
         fail(str(exc))
-        raise
     token = token or config.token
     if not token:
         fail(

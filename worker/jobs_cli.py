@@ -56,7 +56,6 @@ def _run(
             else ""
         )
         fail(f"{exc.code().name.lower()}: {exc.details()}{hint}")
-        raise AssertionError("unreachable") from exc
 
 
 def _print(job: job_pb2.Job, as_json: bool) -> None:

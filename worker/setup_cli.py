@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final, Literal, NoReturn, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 import click
 import grpc
@@ -49,23 +49,18 @@ FLAGS: Final[Mapping[str, str]] = {
 }
 
 
-def _fail(message: str) -> NoReturn:
-    fail(message)
-    raise AssertionError("unreachable")  # fail() exits; this tells the type checker
-
-
 def _load(*, env: Mapping[str, str] | None = None) -> LocalConfig:
     try:
         return load_config(env=env)
     except ConfigError as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
 def _save(config: LocalConfig) -> Path:
     try:
         return save_config(config)
     except OSError as exc:
-        _fail(f"cannot write {config_path()}: {exc.strerror or exc}; check IAS_HOME and its permissions")
+        fail(f"cannot write {config_path()}: {exc.strerror or exc}; check IAS_HOME and its permissions")
 
 
 # --- ias setup ------------------------------------------------------------------------------------
@@ -95,11 +90,11 @@ def setup(**given: str | None) -> None:
     try:
         config = apply_settings(current, values, labels=FLAGS)
     except ConfigError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if config.token and not config.token.startswith("ias_"):
-        _fail(f"--token does not look like an IAS token (they start with ias_); {TOKEN_HINT}")
+        fail(f"--token does not look like an IAS token (they start with ias_); {TOKEN_HINT}")
     if config.tls_ca is not None and not config.tls_ca.is_file():
-        _fail(
+        fail(
             f"--tls-ca {config.tls_ca} is not a file; pass the CA bundle that signed the server's certificate"
         )
     written = _save(config)
@@ -147,9 +142,9 @@ def repo_link(path: Path, label: str | None) -> None:
         root = checkout_root(path.expanduser())
         repo_id, default_label = repo_identity(root)
     except ConfigError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if label is not None and not label.strip():
-        _fail("--label is empty; pass a name or leave --label out")
+        fail("--label is empty; pass a name or leave --label out")
     mapping = RepoMapping(repo_id=repo_id, path=root, label=(label or default_label).strip())
     config = _load(env={})
     _save(config.linked(mapping))
@@ -177,7 +172,7 @@ def repo_unlink(path_or_repo_id: str) -> None:
     config = _load(env={})
     updated = config.unlinked(path_or_repo_id)
     if updated == config:
-        _fail(f"no linked repository matches {path_or_repo_id}; `ias repo list` shows them")
+        fail(f"no linked repository matches {path_or_repo_id}; `ias repo list` shows them")
     _save(updated)
     for m in set(config.repos) - set(updated.repos):
         click.echo(f"unlinked {m.label} {m.repo_id} ({m.path})")

@@ -66,7 +66,8 @@ class WorkerServicer(wpb_grpc.WorkerServiceServicer):
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no hello within 10 s")
         if first is grpc.aio.EOF:
             return
-        assert isinstance(first, wpb.ConnectRequest)
+        if not isinstance(first, wpb.ConnectRequest):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "frame: not a valid ConnectRequest")
         if first.WhichOneof("frame") != "hello":
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -171,7 +172,8 @@ class WorkerServicer(wpb_grpc.WorkerServiceServicer):
             frame: object = await context.read()
             if frame is grpc.aio.EOF:
                 return
-            assert isinstance(frame, wpb.ConnectRequest)
+            if not isinstance(frame, wpb.ConnectRequest):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "frame: not a valid ConnectRequest")
             session.last_heard = time.monotonic()
             await self._handle(session, frame)
 
@@ -274,7 +276,7 @@ class WorkerServicer(wpb_grpc.WorkerServiceServicer):
                 result=result,
             )
         except (FailedPrecondition, NotFound):
-            session.drop(outcome.job_id)
+            _forget_if_lost(session, outcome.job_id, outcome.lease_epoch)
             raise
         session.drop(outcome.job_id)
         session.send(
@@ -289,14 +291,18 @@ class WorkerServicer(wpb_grpc.WorkerServiceServicer):
         _log_finished(job, duplicate)
 
     async def _on_release(self, session: Session, release: wpb.Release) -> None:
+        try:
+            await self._queue.release(
+                workspace_id=session.workspace_id,
+                worker_id=session.worker_id,
+                job_id=release.job_id,
+                epoch=release.lease_epoch,
+                reason=release.reason[:200] or "released",
+            )
+        except (FailedPrecondition, NotFound):
+            _forget_if_lost(session, release.job_id, release.lease_epoch)
+            raise
         session.drop(release.job_id)
-        await self._queue.release(
-            workspace_id=session.workspace_id,
-            worker_id=session.worker_id,
-            job_id=release.job_id,
-            epoch=release.lease_epoch,
-            reason=release.reason[:200] or "released",
-        )
         session.send(
             wpb.ConnectResponse(
                 outcome_ack=wpb.OutcomeAck(job_id=release.job_id, lease_epoch=release.lease_epoch)
@@ -304,6 +310,13 @@ class WorkerServicer(wpb_grpc.WorkerServiceServicer):
         )
         # The release put the job back and woke the dispatcher for the workspace.
         self._dispatcher.slot_freed(session.eligibility)
+
+
+def _forget_if_lost(session: Session, job_id: str, epoch: int) -> None:
+    """A report at the epoch this session holds was refused: that lease is gone, forget it. A
+    report at any other epoch (a stale replay) says nothing about the lease the session holds."""
+    if session.held.get(job_id) == epoch:
+        session.drop(job_id)
 
 
 def fence_out(session: Session) -> None:

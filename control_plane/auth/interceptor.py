@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Final
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from control_plane.auth.tokens import Principal, Role, TokenAuthority, current_principal
 from control_plane.errors import IasError, PermissionDenied, Unauthenticated
@@ -67,17 +68,40 @@ async def _check(authority: TokenAuthority, method: str, context: grpc.aio.Servi
         await context.abort(grpc.StatusCode.PERMISSION_DENIED, exc.message)
 
 
+class Undecodable:
+    """Stands in for request bytes that are not a valid message, so the RPC can answer
+    INVALID_ARGUMENT instead of gRPC's default UNKNOWN."""
+
+
+UNDECODABLE: Final = Undecodable()
+
+
+def _tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError:
+            return UNDECODABLE
+
+    return parse
+
+
+async def _check_request(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    if request is UNDECODABLE:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request: not a valid protobuf message")
+
+
 def _wrap(handler: Any, authority: TokenAuthority, method: str) -> Any:
+    parse = _tolerant(handler.request_deserializer)
     if handler.unary_unary is not None:
         inner_uu = handler.unary_unary
 
         async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             await _check(authority, method, context)
+            await _check_request(request, context)
             return await inner_uu(request, context)
 
-        return grpc.unary_unary_rpc_method_handler(
-            unary_unary, handler.request_deserializer, handler.response_serializer
-        )
+        return grpc.unary_unary_rpc_method_handler(unary_unary, parse, handler.response_serializer)
     if handler.unary_stream is not None:
         inner_us = handler.unary_stream
 
@@ -85,20 +109,18 @@ def _wrap(handler: Any, authority: TokenAuthority, method: str) -> Any:
             request: Any, context: grpc.aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[Any]:
             await _check(authority, method, context)
+            await _check_request(request, context)
             async for item in inner_us(request, context):
                 yield item
 
-        return grpc.unary_stream_rpc_method_handler(
-            unary_stream, handler.request_deserializer, handler.response_serializer
-        )
+        return grpc.unary_stream_rpc_method_handler(unary_stream, parse, handler.response_serializer)
     if handler.stream_stream is not None:
         inner_ss = handler.stream_stream
 
+        # Streamed requests may be UNDECODABLE too; the servicer checks each one it reads.
         async def stream_stream(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             await _check(authority, method, context)
             return await inner_ss(requests, context)
 
-        return grpc.stream_stream_rpc_method_handler(
-            stream_stream, handler.request_deserializer, handler.response_serializer
-        )
+        return grpc.stream_stream_rpc_method_handler(stream_stream, parse, handler.response_serializer)
     return handler

@@ -43,6 +43,17 @@ async def next_xid(url: str) -> int:
         await conn.close(timeout=CONNECT_TIMEOUT_S)
 
 
+async def commits(url: str) -> int:
+    """Transactions committed in ``url``'s database so far (``pg_stat_database``, flushed about once
+    a second by each backend, so deltas over many seconds are what is meaningful)."""
+    conn = await _connect(url)
+    try:
+        query = "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+        return int(await conn.fetchval(query, timeout=COMMAND_TIMEOUT_S))
+    finally:
+        await conn.close(timeout=CONNECT_TIMEOUT_S)
+
+
 @asynccontextmanager
 async def scratch_database(dsn: str = ADMIN_DSN) -> AsyncIterator[str]:
     """Create ``bench_<hex>`` and yield its URL; the database is dropped on exit, even on error."""

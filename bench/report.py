@@ -1,22 +1,18 @@
-"""The results table (stdout and Markdown) and the machine description of a run."""
+"""The results table (stdout and Markdown) and the full report of a run."""
 
 from __future__ import annotations
 
-import os
-import platform
-import sqlite3
-import subprocess
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
+from typing import Generic, TypeVar
 
-import grpc
-
-from bench.scenarios import LatencyParams, LatencyResult, ThroughputParams, ThroughputResult
+from bench.scenarios import LatencyResult, ThroughputResult
 from bench.stats import CpuUsage
 
 BACKEND_TITLES = {"sqlite": "SQLite", "postgres": "PostgreSQL"}
+
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -24,119 +20,125 @@ class BackendResult:
     """Everything measured (or why nothing was) for one database backend."""
 
     backend: str
-    latency: LatencyResult | None = None
-    throughput: ThroughputResult | None = None
+    latency: dict[float, LatencyResult] = field(default_factory=dict)  # by offered rate (jobs/s)
+    throughput: dict[int, ThroughputResult] = field(default_factory=dict)  # by number of workers
+    extra: dict[str, str] = field(default_factory=dict)  # label → value, from the other scenarios
     error: str = ""
     skipped: str = ""
 
+    @property
+    def title(self) -> str:
+        return BACKEND_TITLES.get(self.backend, self.backend)
+
 
 @dataclass(frozen=True, slots=True)
-class Row:
-    """One metric: how to read it from a result, and the target it is held to (if any)."""
+class Metric(Generic[T]):
+    """One figure of a scenario's result, and the target it is held to at the base parameters."""
 
     label: str
-    target: str
-    value: Callable[[BackendResult], str | None]
-    meets: Callable[[BackendResult], bool | None] = lambda _r: None
+    value: Callable[[T], str]
+    target: str = ""
+    meets: Callable[[T, str], bool | None] | None = None  # (result, backend)
 
 
 def _cpu(cpu: CpuUsage) -> str:
     return f"{cpu.server_pct:.0f}% / {cpu.bench_pct:.0f}% / {cpu.machine_pct:.0f}%"
 
 
-def _per_job(latency: LatencyResult | None, throughput: ThroughputResult | None) -> str | None:
-    values = [x.db_writes_per_job for x in (latency, throughput) if x is not None]
-    if not values or None in values:
-        return None
-    return " / ".join(f"{v:.2f}" for v in values if v is not None)
+def _writes(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
 
 
-def _ms(pick: Callable[[LatencyResult], float]) -> Callable[[BackendResult], str | None]:
-    return lambda r: None if r.latency is None else f"{pick(r.latency):.2f}"
+def _cpu_ms_per_job(t: ThroughputResult) -> str:
+    return f"{t.cpu.server_pct / 100 * t.elapsed_s / t.jobs * 1000:.2f}"
 
 
-def _under(pick: Callable[[LatencyResult], float], limit: float) -> Callable[[BackendResult], bool | None]:
-    return lambda r: None if r.latency is None else pick(r.latency) <= limit
-
-
-def _throughput_met(r: BackendResult) -> bool | None:
-    if r.throughput is None or r.backend != "postgres":
-        return None
-    return r.throughput.jobs_per_s >= 500
-
-
-ROWS: Sequence[Row] = (
-    Row("dispatch p50 (ms)", "≤ 5", _ms(lambda x: x.dispatch_ms.p50), _under(lambda x: x.dispatch_ms.p50, 5)),
-    Row(
-        "dispatch p99 (ms)", "≤ 25", _ms(lambda x: x.dispatch_ms.p99), _under(lambda x: x.dispatch_ms.p99, 25)
+LATENCY: Sequence[Metric[LatencyResult]] = (
+    Metric(
+        "dispatch p50 (ms)", lambda x: f"{x.dispatch_ms.p50:.2f}", "≤ 5", lambda x, _b: x.dispatch_ms.p50 <= 5
     ),
-    Row("dispatch max (ms)", "", _ms(lambda x: x.dispatch_ms.max)),
-    Row("dispatch mean (ms)", "", _ms(lambda x: x.dispatch_ms.mean)),
-    Row(
+    Metric(
+        "dispatch p99 (ms)",
+        lambda x: f"{x.dispatch_ms.p99:.2f}",
+        "≤ 25",
+        lambda x, _b: x.dispatch_ms.p99 <= 25,
+    ),
+    Metric("dispatch max (ms)", lambda x: f"{x.dispatch_ms.max:.2f}"),
+    Metric(
         "dispatch p50 split: created → claim begins / → worker reads (ms)",
-        "",
-        lambda r: (
-            None
-            if r.latency is None
-            else f"{r.latency.to_claim_ms.p50:.2f} / {r.latency.claim_to_worker_ms.p50:.2f}"
-        ),
+        lambda x: f"{x.to_claim_ms.p50:.2f} / {x.claim_to_worker_ms.p50:.2f}",
     ),
-    Row("submit round trip p50 (ms)", "", _ms(lambda x: x.submit_rtt_ms.p50)),
-    Row("submit round trip p99 (ms)", "", _ms(lambda x: x.submit_rtt_ms.p99)),
-    Row(
+    Metric(
+        "submit round trip p50 / p99 (ms)", lambda x: f"{x.submit_rtt_ms.p50:.2f} / {x.submit_rtt_ms.p99:.2f}"
+    ),
+    Metric("CPU: server / bench / machine", lambda x: _cpu(x.cpu)),
+    Metric("PostgreSQL write transactions per job", lambda x: _writes(x.db_writes_per_job)),
+)
+
+THROUGHPUT: Sequence[Metric[ThroughputResult]] = (
+    Metric(
         "throughput (jobs/s)",
+        lambda x: f"{x.jobs_per_s:.1f}",
         "≥ 500 on PostgreSQL",
-        lambda r: None if r.throughput is None else f"{r.throughput.jobs_per_s:.1f}",
-        _throughput_met,
+        lambda x, b: x.jobs_per_s >= 500 if b == "postgres" else None,
     ),
-    Row(
-        "throughput wall time (s)",
-        "",
-        lambda r: None if r.throughput is None else f"{r.throughput.elapsed_s:.2f}",
-    ),
-    Row(
-        "jobs done exactly once",
-        "all",
-        lambda r: None if r.throughput is None else f"{r.throughput.verified}/{r.throughput.jobs}",
-    ),
-    Row(
-        "CPU in latency run: server / bench / machine",
-        "",
-        lambda r: None if r.latency is None else _cpu(r.latency.cpu),
-    ),
-    Row(
-        "CPU in throughput run: server / bench / machine",
-        "",
-        lambda r: None if r.throughput is None else _cpu(r.throughput.cpu),
-    ),
-    Row(
-        "PostgreSQL write transactions per job: latency / throughput run",
-        "",
-        lambda r: _per_job(r.latency, r.throughput),
-    ),
+    Metric("wall time (s)", lambda x: f"{x.elapsed_s:.2f}"),
+    Metric("jobs done exactly once", lambda x: f"{x.verified}/{x.jobs}", "all"),
+    Metric("server CPU per job (ms)", _cpu_ms_per_job),
+    Metric("CPU: server / bench / machine", lambda x: _cpu(x.cpu)),
+    Metric("PostgreSQL write transactions per job", lambda x: _writes(x.db_writes_per_job)),
 )
 
 
-def _cell(row: Row, result: BackendResult) -> str:
+def _cell(metric: Metric[T], found: T | None, result: BackendResult, *, judged: bool) -> str:
     if result.skipped:
         return "skipped"
-    value = row.value(result)
-    if value is None:
+    if found is None:
         return "failed" if result.error else "—"
-    met = row.meets(result)
+    value = metric.value(found)
+    met = metric.meets(found, result.backend) if judged and metric.meets else None
     return value if met is None else f"{value} ({'ok' if met else 'MISSED'})"
 
 
-def table(results: Sequence[BackendResult]) -> str:
-    """The results as a Markdown table: one row per metric, one column per backend."""
-    titles = [BACKEND_TITLES.get(r.backend, r.backend) for r in results]
+def _rows(
+    metrics: Sequence[Metric[T]],
+    suffix: str,
+    results: Sequence[BackendResult],
+    pick: Callable[[BackendResult], T | None],
+    *,
+    base: bool,
+) -> list[str]:
+    lines = []
+    for m in metrics:
+        cells = " | ".join(_cell(m, pick(r), r, judged=base) for r in results)
+        target = m.target if base and m.target else "—"
+        lines.append(f"| {m.label} {suffix} | {target} | {cells} |")
+    return lines
+
+
+def _latency_at(rate: float) -> Callable[[BackendResult], LatencyResult | None]:
+    return lambda r: r.latency.get(rate)
+
+
+def _throughput_at(workers: int) -> Callable[[BackendResult], ThroughputResult | None]:
+    return lambda r: r.throughput.get(workers)
+
+
+def table(results: Sequence[BackendResult], rates: Sequence[float], workers: Sequence[int]) -> str:
+    """One row per metric and parameter, one column per backend; targets apply to the first rate
+    and the first worker count (the parameters they were set for)."""
     lines = [
-        "| metric | target | " + " | ".join(titles) + " |",
+        "| metric | target | " + " | ".join(r.title for r in results) + " |",
         "|---|---|" + "---:|" * len(results),
     ]
-    for row in ROWS:
-        cells = " | ".join(_cell(row, r) for r in results)
-        lines.append(f"| {row.label} | {row.target or '—'} | {cells} |")
+    for n, rate in enumerate(rates):
+        lines += _rows(LATENCY, f"@ {rate:g} jobs/s", results, _latency_at(rate), base=n == 0)
+    for n, count in enumerate(workers):
+        lines += _rows(THROUGHPUT, f"@ {count} workers", results, _throughput_at(count), base=n == 0)
+    labels = list(dict.fromkeys(label for r in results for label in r.extra))
+    for label in labels:
+        cells = " | ".join("skipped" if r.skipped else r.extra.get(label, "—") for r in results)
+        lines.append(f"| {label} | — | {cells} |")
     return "\n".join(lines)
 
 
@@ -144,83 +146,39 @@ def problems(results: Sequence[BackendResult]) -> list[str]:
     """One line per backend that was skipped or failed."""
     lines = []
     for r in results:
-        title = BACKEND_TITLES.get(r.backend, r.backend)
         if r.skipped:
-            lines.append(f"{title}: SKIPPED: {r.skipped}")
+            lines.append(f"{r.title}: SKIPPED: {r.skipped}")
         if r.error:
-            lines.append(f"{title}: FAILED: {r.error}")
+            lines.append(f"{r.title}: FAILED: {r.error}")
     return lines
 
 
-def machine(postgres_version: str, load: tuple[float, float, float]) -> dict[str, str]:
-    """The machine and software the figures were measured on; ``load`` as it was before the run."""
-    return {
-        "CPU": _cpu_model(),
-        "cores": str(os.cpu_count() or "?"),
-        "RAM": _ram(),
-        "load average before the run (1/5/15 min)": " / ".join(f"{x:.2f}" for x in load),
-        "OS": f"{platform.system()} {platform.release()}",
-        "Python": platform.python_version(),
-        "grpcio": grpc.__version__,
-        "SQLite": sqlite3.sqlite_version,
-        "PostgreSQL": postgres_version,
-        "code": _revision(),
-    }
-
-
-def _revision() -> str:
-    """The git commit measured, marked when the work tree had uncommitted changes."""
-    try:
-        proc = subprocess.run(
-            ["git", "describe", "--always", "--dirty=+uncommitted changes"],
-            cwd=Path(__file__).parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return proc.stdout.strip() or "unknown"
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _ram() -> str:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
-    except OSError:
-        pass
-    return "unknown"
-
-
-def parameters(latency: LatencyParams, throughput: ThroughputParams) -> dict[str, str]:
-    return {
-        "latency jobs (measured)": str(latency.jobs),
-        "latency warm-up jobs (not measured)": str(latency.warmup),
-        "offered rate (jobs/s, one at a time)": f"{latency.rate:g}",
-        "idle workers (latency)": str(latency.workers),
-        "throughput jobs": str(throughput.jobs),
-        "workers (throughput, noop, 1 slot each)": str(throughput.workers),
-        "concurrent submitters": str(throughput.submitters),
-        "control plane": "`ias server start` in its own process, default settings, logging at INFO to a file",
-    }
+METHOD = """\
+- Dispatch latency = the time the worker read the Assignment frame (`time.time()`) minus the
+  job's `created_at` from that frame (server and workers share the machine's clock). The server
+  takes `created_at` just before the submit transaction begins, so the insert and its commit
+  are included. The split uses the assignment's `updated_at`, taken when the claim began.
+  Submissions are open loop: each starts on its schedule whether or not the previous one returned.
+- Throughput = jobs / (first SubmitJob sent → last OutcomeAck received); every job is then
+  checked with ListJobs to be `done` on lease epoch 1 with exactly one non-duplicate ack.
+- CPU = percent of one core used by the server process and by the benchmark process (workers
+  and submitters); machine = percent of all cores busy (PostgreSQL runs in the rest). Server CPU
+  per job = server CPU seconds in the throughput run / jobs.
+- PostgreSQL write transactions = transaction ids assigned during the measured interval
+  (`pg_current_snapshot()` xmax), divided by the jobs; background loops add about one a second.
+"""
 
 
 def markdown(
-    results: Sequence[BackendResult], *, machine_info: dict[str, str], params: dict[str, str]
+    results: Sequence[BackendResult],
+    *,
+    machine_info: dict[str, str],
+    params: dict[str, str],
+    rates: Sequence[float],
+    workers: Sequence[int],
+    sections: Sequence[str] = (),
 ) -> str:
-    """The full report."""
+    """The full report; ``sections`` are further Markdown sections (peers, other scenarios)."""
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     parts = [
         "# IAS control-plane benchmark",
@@ -237,23 +195,15 @@ def markdown(
         "",
         "## Results",
         "",
-        table(results),
+        table(results, rates, workers),
         "",
         *(f"**{line}**\n" for line in problems(results)),
-        "Targets for this stage: dispatch p50 ≤ 5 ms and p99 ≤ 25 ms; throughput ≥ 500 jobs/s on PostgreSQL.",
+        "Targets for this stage: dispatch p50 ≤ 5 ms and p99 ≤ 25 ms at 100 jobs/s; throughput ≥ 500",
+        "jobs/s on PostgreSQL with 20 workers.",
         "",
+        *sections,
         "## Method",
         "",
-        "- Dispatch latency = the time the worker read the Assignment frame (`time.time()`) minus the",
-        "  job's `created_at` from that frame (server and workers share the machine's clock). The server",
-        "  takes `created_at` just before the submit transaction begins, so the insert and its commit",
-        "  are included. The split uses the assignment's `updated_at`, taken when the claim began.",
-        "- Throughput = jobs / (first SubmitJob sent → last OutcomeAck received); every job is then",
-        "  checked with ListJobs to be `done` on lease epoch 1 with exactly one non-duplicate ack.",
-        "- CPU = percent of one core used by the server process and by the benchmark process (workers",
-        "  and submitters); machine = percent of all cores busy (PostgreSQL runs in the rest).",
-        "- PostgreSQL write transactions = transaction ids assigned during the measured interval",
-        "  (`pg_current_snapshot()` xmax), divided by the jobs; background loops add about one a second.",
-        "",
+        METHOD,
     ]
     return "\n".join(parts)

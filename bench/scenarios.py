@@ -73,13 +73,13 @@ async def run_latency(server: RunningServer, params: LatencyParams) -> LatencyRe
         async with fleet(
             target=server.address, token=server.worker_token, prefix="lat", size=params.workers, tally=tally
         ):
-            warm, _ = await _paced(stub, server.admin_token, params.warmup, params.rate)
-            await _settle(tally, warm, what="warm-up")
+            warm, _ = await paced(stub, server.admin_token, params.warmup, params.rate)
+            await settle(tally, warm, what="warm-up")
             meter = CpuMeter(server.pid)
             xid = await _next_xid(server)
             meter.start()
-            ids, rtts = await _paced(stub, server.admin_token, params.jobs, params.rate)
-            await _settle(tally, ids, what="latency")
+            ids, rtts = await paced(stub, server.admin_token, params.jobs, params.rate)
+            await settle(tally, ids, what="latency")
             cpu = meter.stop()
             writes = await _writes_per_job(server, xid, len(ids))
     finally:
@@ -106,26 +106,30 @@ async def _writes_per_job(server: RunningServer, first_xid: int | None, jobs: in
     return None if first_xid is None or last is None else (last - first_xid) / jobs
 
 
-async def _paced(
+async def paced(
     stub: jpb_grpc.JobServiceAsyncStub, token: str, count: int, rate: float
 ) -> tuple[list[str], list[float]]:
-    """Submit ``count`` jobs one at a time on a fixed schedule; returns ids and round trips (ms)."""
+    """Submit ``count`` jobs on a fixed schedule, open loop (a slow reply does not delay the next
+    submission); returns ids and round trips (ms)."""
     loop = asyncio.get_running_loop()
     start = loop.time()
-    ids: list[str] = []
-    rtts: list[float] = []
-    for n in range(count):
-        await asyncio.sleep(max(start + n / rate - loop.time(), 0.0))
+
+    async def submit() -> tuple[str, float]:
         began = time.perf_counter()
         reply = await stub.SubmitJob(
             jpb.SubmitJobRequest(type="noop"), metadata=bearer(token), timeout=RPC_TIMEOUT_S
         )
-        rtts.append((time.perf_counter() - began) * 1000)
-        ids.append(reply.job.id)
-    return ids, rtts
+        return reply.job.id, (time.perf_counter() - began) * 1000
+
+    tasks = []
+    for n in range(count):
+        await asyncio.sleep(max(start + n / rate - loop.time(), 0.0))
+        tasks.append(asyncio.create_task(submit()))
+    done = await asyncio.gather(*tasks)
+    return [i for i, _ in done], [rtt for _, rtt in done]
 
 
-async def _settle(tally: Tally, ids: list[str], *, what: str) -> None:
+async def settle(tally: Tally, ids: list[str], *, what: str) -> None:
     """Wait until every job was assigned and its outcome acknowledged, so the fleet is idle."""
     missing = await tally.wait_acked(ids, DRAIN_TIMEOUT_S)
     if missing:
@@ -152,8 +156,8 @@ async def run_throughput(server: RunningServer, params: ThroughputParams) -> Thr
             xid = await _next_xid(server)
             meter.start()
             began = time.perf_counter()
-            ids = await _flood(stub, server.admin_token, params)
-            await _settle(tally, ids, what="throughput")
+            ids = await flood(stub, server.admin_token, params)
+            await settle(tally, ids, what="throughput")
             elapsed = time.perf_counter() - began
             cpu = meter.stop()
             writes = await _writes_per_job(server, xid, len(ids))
@@ -170,7 +174,7 @@ async def run_throughput(server: RunningServer, params: ThroughputParams) -> Thr
     )
 
 
-async def _flood(stub: jpb_grpc.JobServiceAsyncStub, token: str, params: ThroughputParams) -> list[str]:
+async def flood(stub: jpb_grpc.JobServiceAsyncStub, token: str, params: ThroughputParams) -> list[str]:
     """Several submitters share one counter and submit back to back."""
     todo = iter(range(params.jobs))
     ids: list[str] = []

@@ -25,16 +25,28 @@ class ServerFailed(Exception):
     """The control plane did not start, or a command of it failed."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(eq=False)
 class RunningServer:
     """A started control plane and the credentials to use it."""
 
     address: str
-    pid: int
     admin_token: str
     worker_token: str
     log_path: Path
     db_url: str  # empty for SQLite
+    data_dir: Path
+    proc: asyncio.subprocess.Process
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    async def restart(self) -> None:
+        """Stop gracefully (SIGTERM) and start again on the same address; returns once it serves."""
+        await _stop(self.proc, self.log_path)
+        self.proc, address = await _start(self.data_dir, self.db_url, self.address, self.log_path)
+        if address != self.address:
+            raise ServerFailed(f"restarted on {address}, not {self.address}")
 
 
 def _ias(*args: str) -> list[str]:
@@ -74,26 +86,39 @@ async def control_plane(data_dir: Path, db_url: str = "") -> AsyncIterator[Runni
     """
     admin = await create_token(data_dir, db_url, "admin")
     worker = await create_token(data_dir, db_url, "worker")
-    ready = data_dir / "ready.json"
     log_path = data_dir / "server.log"
-    args = _ias("server", "start", "--listen", "127.0.0.1:0", "--ready-file", str(ready))
-    with log_path.open("wb") as log_file:
+    proc, address = await _start(data_dir, db_url, "127.0.0.1:0", log_path)
+    server = RunningServer(
+        address=address,
+        admin_token=admin,
+        worker_token=worker,
+        log_path=log_path,
+        db_url=db_url,
+        data_dir=data_dir,
+        proc=proc,
+    )
+    try:
+        log.info("control plane %d serving on %s", proc.pid, address)
+        yield server
+    finally:
+        await _stop(server.proc, log_path)
+
+
+async def _start(
+    data_dir: Path, db_url: str, listen: str, log_path: Path
+) -> tuple[asyncio.subprocess.Process, str]:
+    ready = data_dir / "ready.json"
+    ready.unlink(missing_ok=True)
+    args = _ias("server", "start", "--listen", listen, "--ready-file", str(ready))
+    with log_path.open("ab") as log_file:
         proc = await asyncio.create_subprocess_exec(
             *args, *_storage(data_dir, db_url), stdout=log_file, stderr=log_file
         )
-        try:
-            address = await _wait_ready(proc, ready, log_path)
-            log.info("control plane %d serving on %s", proc.pid, address)
-            yield RunningServer(
-                address=address,
-                pid=proc.pid,
-                admin_token=admin,
-                worker_token=worker,
-                log_path=log_path,
-                db_url=db_url,
-            )
-        finally:
-            await _stop(proc, log_path)
+    try:
+        return proc, await _wait_ready(proc, ready, log_path)
+    except BaseException:
+        await _stop(proc, log_path)
+        raise
 
 
 async def _wait_ready(proc: asyncio.subprocess.Process, ready: Path, log_path: Path) -> str:

@@ -29,6 +29,7 @@ WELCOME_TIMEOUT_S: Final = 15.0
 CLOSE_TIMEOUT_S: Final = 10.0
 MAX_FRAMES: Final = 10_000_000  # per session; far more than any run sends
 MAX_BEATS: Final = 100_000
+MAX_SESSIONS: Final = 100
 
 Call = grpc.aio.StreamStreamCall[wpb.ConnectRequest, wpb.ConnectResponse]
 
@@ -43,6 +44,7 @@ class Tally:
     acks: Counter[str] = field(default_factory=Counter)
     ack_log: list[str] = field(default_factory=list)  # job ids in the order their acks arrived
     duplicate_acks: int = 0
+    welcomes: list[tuple[str, float]] = field(default_factory=list)  # (worker, time.time())
     problems: list[str] = field(default_factory=list)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -81,20 +83,41 @@ class Tally:
 
 
 class SimWorker:
-    """One worker session with one slot."""
+    """One worker session with one slot; with ``reconnect``, a new session whenever one ends, with
+    the real daemon's backoff (exponential from 0.2 s, jitter up to 0.5 s)."""
 
-    def __init__(self, *, target: str, token: str, name: str, tally: Tally) -> None:
+    def __init__(self, *, target: str, token: str, name: str, tally: Tally, reconnect: bool = False) -> None:
         self.name = name
         self._target = target
         self._token = token
         self._tally = tally
+        self._reconnect = reconnect
+        self._stopping = False
         self._outbox: asyncio.Queue[wpb.ConnectRequest | None] = asyncio.Queue()
         self._channel: grpc.aio.Channel | None = None
-        self._reader: asyncio.Task[None] | None = None
-        self._others: list[asyncio.Task[None]] = []
+        self._sessions: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Open the stream and return once the welcome arrived."""
+        call, interval = await self._open()
+        self._sessions = asyncio.create_task(self._serve_all(call, interval), name=f"{self.name} sessions")
+
+    async def stop(self) -> None:
+        """Half-close the stream, wait for the server to end it, and close the channel."""
+        self._stopping = True
+        self._outbox.put_nowait(None)
+        if self._sessions is not None:
+            with contextlib.suppress(TimeoutError, grpc.aio.AioRpcError):
+                await asyncio.wait_for(asyncio.shield(self._sessions), CLOSE_TIMEOUT_S)
+            self._sessions.cancel()
+            await asyncio.gather(self._sessions, return_exceptions=True)
+        if self._channel is not None:
+            await self._channel.close(grace=None)
+
+    async def _open(self) -> tuple[Call, float]:
+        if self._channel is not None:
+            await self._channel.close(grace=None)
+        self._outbox = asyncio.Queue()  # frames of an ended session are not replayed
         self._channel = open_channel(self._target)
         call: Call = wpb_grpc.WorkerServiceStub(self._channel).Connect(metadata=bearer(self._token))
         hello = wpb.Hello(worker_name=self.name, capabilities=["noop"], slots=1, version="bench")
@@ -102,25 +125,40 @@ class SimWorker:
         first = await asyncio.wait_for(call.read(), WELCOME_TIMEOUT_S)
         if not isinstance(first, wpb.ConnectResponse) or first.WhichOneof("frame") != "welcome":
             raise RuntimeError(f"{self.name}: expected a welcome, got {first!r}")
-        interval = first.welcome.heartbeat_interval.ToTimedelta().total_seconds()
-        self._reader = asyncio.create_task(self._read_loop(call), name=f"{self.name} reader")
-        self._others = [
+        self._tally.welcomes.append((self.name, time.time()))
+        return call, first.welcome.heartbeat_interval.ToTimedelta().total_seconds()
+
+    async def _serve_all(self, call: Call, interval: float) -> None:
+        for _ in range(MAX_SESSIONS):
+            await self._serve(call, interval)
+            if self._stopping or not self._reconnect:
+                return
+            call, interval = await self._reopen()
+
+    async def _reopen(self) -> tuple[Call, float]:
+        for attempt in range(MAX_SESSIONS):
+            await asyncio.sleep(min(0.2 * 2**attempt, 30.0) + random.uniform(0, 0.5))
+            try:
+                return await self._open()
+            except (grpc.aio.AioRpcError, TimeoutError, RuntimeError):
+                continue
+        raise RuntimeError(f"{self.name}: could not reconnect")
+
+    async def _serve(self, call: Call, interval: float) -> None:
+        others = [
             asyncio.create_task(self._write_loop(call), name=f"{self.name} writer"),
             asyncio.create_task(self._heartbeat_loop(interval), name=f"{self.name} heartbeat"),
         ]
-
-    async def stop(self) -> None:
-        """Half-close the stream, wait for the server to end it, and close the channel."""
-        self._outbox.put_nowait(None)
-        if self._reader is not None:
-            with contextlib.suppress(TimeoutError, grpc.aio.AioRpcError):
-                await asyncio.wait_for(asyncio.shield(self._reader), CLOSE_TIMEOUT_S)
-        tasks = [t for t in (self._reader, *self._others) if t is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        if self._channel is not None:
-            await self._channel.close(grace=None)
+        try:
+            await self._read_loop(call)
+        except grpc.aio.AioRpcError as exc:
+            if not self._reconnect:
+                raise
+            log.debug("%s: session ended: %s", self.name, exc.code().name)
+        finally:
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
 
     async def _read_loop(self, call: Call) -> None:
         for _ in range(MAX_FRAMES):
@@ -141,6 +179,8 @@ class SimWorker:
             self._tally.problem(
                 f"{self.name}: {rejected.frame} rejected ({rejected.code}): {rejected.message}"
             )
+        elif kind == "drain" and self._reconnect:
+            self._outbox.put_nowait(None)  # like the daemon: end this session, then reconnect
         elif kind in ("cancel", "lease_revoked", "drain"):
             self._tally.problem(f"{self.name}: unexpected {kind}: {getattr(frame, kind)}")
 
@@ -159,21 +199,22 @@ class SimWorker:
         self._outbox.put_nowait(wpb.ConnectRequest(outcome=outcome))
 
     async def _write_loop(self, call: Call) -> None:
+        outbox = self._outbox
         for _ in range(MAX_FRAMES):
-            frame = await self._outbox.get()
+            frame = await outbox.get()
             if frame is None:
                 await call.done_writing()
                 return
             await call.write(frame)
 
     async def _heartbeat_loop(self, interval: float) -> None:
+        outbox = self._outbox
         for _ in range(MAX_BEATS):
             await asyncio.sleep(interval * random.uniform(0.9, 1.1))
             # Like the real daemon, a heartbeat lists running jobs only. Ours finish the moment they
             # are assigned, so there are none: listing a job whose outcome is already sent would be
             # answered with lease_revoked(not_held).
-            beat = wpb.Heartbeat(free_slots=1)
-            self._outbox.put_nowait(wpb.ConnectRequest(heartbeat=beat))
+            outbox.put_nowait(wpb.ConnectRequest(heartbeat=wpb.Heartbeat(free_slots=1)))
 
 
 @contextlib.asynccontextmanager

@@ -1,8 +1,10 @@
-"""The benchmark runs end to end at smoke size on SQLite and reports both scenarios (never timed)."""
+"""The benchmark runs end to end at smoke size on SQLite and reports its scenarios (never timed)."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,20 +12,20 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+NUMBER = re.compile(r"^\d+(\.\d+)?\b")
 
 
 def _cell(report: str, metric: str) -> str:
-    """The SQLite column of a metric's row in the report's results table."""
+    """The first backend's column of a metric's row in the report's results table."""
     match = re.search(rf"^\| {re.escape(metric)} \| [^|]* \| ([^|]*) \|", report, re.MULTILINE)
     assert match, f"no {metric!r} row in the report:\n{report}"
     return match.group(1).strip()
 
 
-@pytest.mark.slow
-def test_smoke_run_reports_both_scenarios(tmp_path: Path) -> None:
+def _run(tmp_path: Path, *flags: str) -> str:
     report_path = tmp_path / "r.md"
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--smoke", "--backends", "sqlite", "--report", str(report_path)],
+        [sys.executable, "-m", "bench", "--smoke", "--report", str(report_path), *flags],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -31,13 +33,60 @@ def test_smoke_run_reports_both_scenarios(tmp_path: Path) -> None:
         check=False,
     )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    report = report_path.read_text()
-    number = re.compile(r"^\d+(\.\d+)?\b")
+    return report_path.read_text()
+
+
+@pytest.mark.slow
+def test_smoke_run_reports_every_scenario(tmp_path: Path) -> None:
+    report = _run(tmp_path, "--backends", "sqlite")
     for metric in (
-        "dispatch p50 (ms)",
-        "dispatch p99 (ms)",
-        "submit round trip p50 (ms)",
-        "throughput (jobs/s)",
+        "dispatch p50 (ms) @ 50 jobs/s",
+        "dispatch p99 (ms) @ 50 jobs/s",
+        "submit round trip p50 / p99 (ms) @ 50 jobs/s",
+        "throughput (jobs/s) @ 4 workers",
+        "server CPU per job (ms) @ 4 workers",
+        "idle 20 workers: server CPU (% of a core)",
+        "idle 20 workers: server RSS per worker (KiB)",
+        "restart under 20 workers: all workers back (s)",
+        "kill -9 of a worker holding a job: job runs elsewhere (s)",
+        "fan-out 3 watchers: commit → received p50 / p99 / max (ms)",
     ):
-        assert number.match(_cell(report, metric)), f"{metric} has no figure:\n{report}"
-    assert _cell(report, "jobs done exactly once") == "100/100"
+        assert NUMBER.match(_cell(report, metric)), f"{metric} has no figure:\n{report}"
+    assert _cell(report, "jobs done exactly once @ 4 workers") == "100/100"
+    assert _cell(report, "fan-out 3 watchers: dropped stream resumed: gaps / duplicates") == "0 / 0"
+    assert "## Peers" not in report, "--smoke must not run the peers unless asked"
+
+
+def _why_no_peers() -> str:
+    missing = [
+        m for m in ("pgqueuer", "procrastinate", "celery", "redis") if importlib.util.find_spec(m) is None
+    ]
+    if missing:
+        return f"peer packages not importable: {', '.join(missing)} (install the `bench` extra)"
+    for service, port in (("PostgreSQL", 5432), ("Redis", 6379)):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except OSError:
+            return f"{service} is not reachable on 127.0.0.1:{port}"
+    return ""
+
+
+@pytest.mark.slow
+def test_smoke_run_compares_the_peers(tmp_path: Path) -> None:
+    why = _why_no_peers()
+    if why:
+        pytest.skip(f"!!! PEER BENCHMARK NOT TESTED: {why} !!!")
+    report = _run(
+        tmp_path,
+        "--backends",
+        "sqlite",
+        "--scenarios",
+        "latency,throughput",
+        "--peers",
+        "pgqueuer,procrastinate,celery",
+    )
+    assert "## Peers on the same workload" in report
+    for title in ("PgQueuer", "Procrastinate", "Celery + Redis (prefork, 2)"):
+        row = re.search(rf"^\| {re.escape(title)} \| ([^|]*) \| ([^|]*) \| ([^|]*) \|", report, re.MULTILINE)
+        assert row, f"no {title} row:\n{report}"
+        assert all(NUMBER.match(cell.strip()) for cell in row.groups()), f"{title} has no figures:\n{report}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -12,12 +13,14 @@ from ias.v1 import console_service_pb2_grpc as cpb_grpc
 from control_plane.api import convert
 from control_plane.api.status import streaming, unary
 from control_plane.auth.tokens import current_principal
+from control_plane.domain.workers import Event
 from control_plane.errors import InvalidArgument, PermissionDenied
 from control_plane.events.hub import EventHub
 from control_plane.queue import JobQueue
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 _PAGE = 1000
+_CACHED_RESPONSES = 8192  # recent events shared by every live subscriber
 
 
 class ConsoleServicer(cpb_grpc.ConsoleServiceServicer):
@@ -26,6 +29,18 @@ class ConsoleServicer(cpb_grpc.ConsoleServiceServicer):
     def __init__(self, *, queue: JobQueue, hub: EventHub) -> None:
         self._queue = queue
         self._hub = hub
+        self._responses: OrderedDict[tuple[str, int], cpb.WatchResponse] = OrderedDict()
+
+    def _response(self, event: Event) -> cpb.WatchResponse:
+        """The event as a reply, converted once however many subscribers receive it."""
+        key = (event.workspace_id, event.seq)
+        response = self._responses.get(key)
+        if response is None:
+            response = cpb.WatchResponse(event=convert.event_to_pb(event))
+            self._responses[key] = response
+            if len(self._responses) > _CACHED_RESPONSES:
+                self._responses.popitem(last=False)
+        return response
 
     @streaming
     async def Watch(self, request: cpb.WatchRequest, context: Ctx) -> AsyncIterator[cpb.WatchResponse]:
@@ -40,14 +55,14 @@ class ConsoleServicer(cpb_grpc.ConsoleServiceServicer):
                     page = await self._queue.events_since(workspace_id, last)
                     for event in page:
                         last = event.seq
-                        yield cpb.WatchResponse(event=convert.event_to_pb(event))
+                        yield self._response(event)
                     if len(page) < _PAGE:
                         break
                 async for event in live:
                     if event.seq <= last:
                         continue
                     last = event.seq
-                    yield cpb.WatchResponse(event=convert.event_to_pb(event))
+                    yield self._response(event)
 
     @unary
     async def ListWorkers(self, request: cpb.ListWorkersRequest, context: Ctx) -> cpb.ListWorkersResponse:

@@ -31,7 +31,7 @@ def make_app(url: str) -> Any:
     # No result backend: the no-op returns nothing, and the same holds for the other peers.
     app.conf.update(task_ignore_result=True, worker_hijack_root_logger=False, broker_connection_retry=False)
 
-    @app.task(name=TASK)  # type: ignore[untyped-decorator]
+    @app.task(name=TASK)
     def noop(i: int, sent: float) -> None:
         record(i, sent)
 

@@ -54,6 +54,7 @@ FATAL: Final = frozenset(
 
 PROGRESS_MIN_INTERVAL_S: Final = 1.0
 WATCHDOG_TICK_S: Final = 0.1
+RESEND_AFTER_S: Final = 1.0  # pause before an outcome refused as unavailable is sent again
 
 
 class WorkerFatal(Exception):
@@ -357,13 +358,19 @@ class WorkerDaemon:
             code.name,
             rejected.message,
         )
-        # A stale or unknown outcome can never be accepted: forget it. Anything else is retried.
-        if rejected.frame in ("outcome", "release") and code in (
+        if rejected.frame not in ("outcome", "release"):
+            return
+        # A stale or unknown outcome can never be accepted: forget it. Anything else (the
+        # database was unavailable) is sent again on this session after a pause.
+        if code in (
             grpc.StatusCode.FAILED_PRECONDITION,
             grpc.StatusCode.NOT_FOUND,
             grpc.StatusCode.INVALID_ARGUMENT,
         ):
             self._forget(rejected.job_id)
+        elif rejected.job_id in self._unacked:
+            delay = random.uniform(0.5, 1.5) * RESEND_AFTER_S
+            asyncio.get_running_loop().call_later(delay, self._resend, rejected.job_id)
 
     def _on_assignment(self, assignment: wpb.Assignment) -> None:
         job = assignment.job
@@ -488,6 +495,11 @@ class WorkerDaemon:
         self._remember(running.job.id, frame)
         self._send(frame)
 
+    def _resend(self, job_id: str) -> None:
+        frame = self._unacked.get(job_id)
+        if frame is not None:
+            self._send(frame)
+
     def _remember(self, job_id: str, frame: wpb.ConnectRequest) -> None:
         self._unacked[job_id] = frame
         if self._journal is not None:
@@ -550,8 +562,14 @@ def _end_session(group: BaseExceptionGroup[BaseException]) -> None:
     if group.subgroup(_Drained) is not None:
         return
     rpc, rest = group.split(grpc.aio.AioRpcError)
-    if rest is not None or rpc is None:
-        raise group
+    if rest is not None:
+        # Writing to a stream that just broke raises InvalidStateError beside the reader's status.
+        _, other = rest.split(asyncio.InvalidStateError)
+        if other is not None:
+            raise group
+    if rpc is None:
+        log.warning("session ended: the stream broke during a write")
+        return
     exc = rpc.exceptions[0]
     assert isinstance(exc, grpc.aio.AioRpcError)
     if exc.code() in FATAL:

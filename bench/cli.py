@@ -105,9 +105,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for noisy in ("procrastinate", "celery", "pgqueuer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if args.smoke:
-        # The kill -9 step waits out the reconnect grace; a smoke run only needs it to happen.
-        os.environ.setdefault("IAS_RECONNECT_GRACE_S", "2")
     return asyncio.run(_main(args))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Final
 
@@ -17,6 +18,24 @@ CHANNEL_OPTIONS: Final = [
     ("grpc.use_local_subchannel_pool", 1),
     ("grpc.enable_retries", 0),
 ]
+
+
+# After the control plane announced a restart, retry this often for this many attempts (about a
+# minute): a restart takes seconds, and doubling waits would keep a fleet away far longer than that.
+RESTART_RETRY_S: Final = (0.25, 1.0)
+RESTART_TRIES: Final = 90
+
+
+def reconnect_delay(attempt: int, *, after_restart: bool) -> float:
+    """Seconds to wait before reconnect attempt ``attempt`` (0 for the first retry).
+
+    Normally the wait doubles from 0.2 s up to 30 s, plus up to 0.5 s of jitter. After a drain for
+    a server restart the wait is drawn anew between 0.25 and 1 s each time (full jitter spreads a
+    fleet over the window, so the new process is not met by every worker in one tick).
+    """
+    if after_restart and attempt < RESTART_TRIES:
+        return random.uniform(*RESTART_RETRY_S)
+    return float(min(0.2 * 2**attempt, 30.0) + random.uniform(0, 0.5))
 
 
 def open_channel(target: str, *, tls_ca: Path | None = None) -> grpc.aio.Channel:

@@ -7,9 +7,10 @@ Loops, each a named task:
   proven valid, so a job never runs on two machines at once;
 - one task per running job.
 
-Reconnects use tenacity with jittered exponential backoff. `_session` returns once a session
-that was established ends, so the backoff starts afresh after every healthy session; errors in
-`FATAL` are never retried.
+Reconnects use tenacity with jittered exponential backoff (brisk, fully jittered retries for a
+minute after the control plane announced a restart; see `worker.client.reconnect_delay`).
+`_session` returns once a session that was established ends, so the backoff starts afresh after
+every healthy session; errors in `FATAL` are never retried.
 """
 
 from __future__ import annotations
@@ -31,11 +32,12 @@ import grpc
 from ias.v1 import job_pb2
 from ias.v1 import worker_service_pb2 as wpb
 from ias.v1 import worker_service_pb2_grpc as wpb_grpc
-from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
+from tenacity import AsyncRetrying, retry_if_exception
 
 from worker import __version__
-from worker.client import bearer, open_channel
-from worker.handlers import HandlerRegistry, HandlerResult, JobContext, JobFailed
+from worker.client import bearer, open_channel, reconnect_delay
+from worker.git_ops import prune_worktrees
+from worker.handlers import HandlerRegistry, HandlerResult, JobContext, JobFailed, missing_checkout
 from worker.journal import Journal
 
 log = logging.getLogger(__name__)
@@ -120,6 +122,8 @@ class WorkerDaemon:
         self.session_id = ""
         self.worker_id = ""
         self.status = "starting"
+        self._status_failing = False  # warned that the status file cannot be written
+        self._restarting = False  # the control plane drained us to restart: reconnect briskly
         self.completed = 0
 
     # -- public surface ------------------------------------------------------------------
@@ -143,12 +147,15 @@ class WorkerDaemon:
         """Connect, reconnect and serve until stopped; raises `WorkerFatal` on a fatal error."""
         watchdog = asyncio.create_task(self._fence_watchdog(), name="fence-watchdog")
         status = asyncio.create_task(self._status_writer(), name="status-file")
+        sweep = asyncio.create_task(self._sweep_worktrees(), name="worktree-sweep")
         try:
             while not self._done():
                 try:
                     async for attempt in AsyncRetrying(
                         retry=retry_if_exception(self._should_retry),
-                        wait=wait_exponential_jitter(multiplier=0.2, max=30, jitter=0.5),
+                        wait=lambda state: reconnect_delay(
+                            state.attempt_number - 1, after_restart=self._restarting
+                        ),
                         reraise=True,
                     ):
                         with attempt:
@@ -168,12 +175,16 @@ class WorkerDaemon:
                         )
                     break
         finally:
-            watchdog.cancel()
-            status.cancel()
+            for task in (watchdog, status, sweep):
+                task.cancel()
             for running in list(self._jobs.values()):
                 self._abort(running, CancelReason.WORKER_STOPPING)
             await asyncio.gather(
-                watchdog, status, *(j.task for j in self._jobs.values() if j.task), return_exceptions=True
+                watchdog,
+                status,
+                sweep,
+                *(j.task for j in self._jobs.values() if j.task),
+                return_exceptions=True,
             )
             self.status = "stopped"
             self._write_status()
@@ -246,6 +257,7 @@ class WorkerDaemon:
     def _on_welcome(self, welcome: wpb.Welcome) -> None:
         self.session_id = welcome.session_id
         self.worker_id = welcome.worker_id
+        self._restarting = False
         self._grace = welcome.reconnect_grace.ToTimedelta()
         self._heartbeat_interval = welcome.heartbeat_interval.ToTimedelta()
         now = time.monotonic()
@@ -284,7 +296,13 @@ class WorkerDaemon:
             base = self._heartbeat_interval.total_seconds()
             await asyncio.sleep(base * random.uniform(0.9, 1.1))  # jitter: a restarted fleet drifts apart
             held = [wpb.HeldJob(job_id=j.job.id, lease_epoch=j.epoch) for j in self._jobs.values()]
-            self._send(wpb.ConnectRequest(heartbeat=wpb.Heartbeat(held_jobs=held, free_slots=self._free())))
+            reporting = [
+                wpb.HeldJob(job_id=_frame_job(f), lease_epoch=_frame_epoch(f))
+                for f in self._unacked.values()
+                if _frame_job(f) not in self._jobs
+            ]
+            beat = wpb.Heartbeat(held_jobs=held, free_slots=self._free(), reporting=reporting)
+            self._send(wpb.ConnectRequest(heartbeat=beat))
 
     async def _stop_watch(self) -> None:
         await self._stopping.wait()
@@ -317,9 +335,9 @@ class WorkerDaemon:
 
     def _handle(self, frame: wpb.ConnectResponse) -> None:
         kind = frame.WhichOneof("frame")
+        # Any frame proves the session alive (an idle worker's heartbeats are not acknowledged).
+        now = self._last_ack = time.monotonic()
         if kind == "heartbeat_ack":
-            now = time.monotonic()
-            self._last_ack = now
             for standing in frame.heartbeat_ack.leases:
                 running = self._jobs.get(standing.job_id)
                 if running is not None and running.epoch == standing.lease_epoch:
@@ -342,6 +360,7 @@ class WorkerDaemon:
                     "its own --name"
                 )
             log.info("control plane asked to drain (%s); reconnecting", frame.drain.reason)
+            self._restarting = frame.drain.reason == "server_shutdown"
             raise _Drained
         elif kind == "rejected":
             self._on_rejected(frame.rejected)
@@ -427,23 +446,12 @@ class WorkerDaemon:
                 status = job_pb2.JOB_STATUS_BLOCKED
         except JobFailed as exc:
             status = job_pb2.JOB_STATUS_FAILED
-            result = job_pb2.JobResult(
-                summary=exc.message[:400],
-                error_code=exc.code,
-                error_message=exc.message,
-                retryable=exc.retryable,
-            )
+            result = _failed_pb(missing_checkout(running.ctx) or exc)
         except asyncio.CancelledError:
             return  # aborted: the lease is gone or handed back; report nothing
         except Exception as exc:  # a handler bug must not kill the daemon
-            log.exception("job handler crashed", extra={"job_id": running.job.id})
             status = job_pb2.JOB_STATUS_FAILED
-            result = job_pb2.JobResult(
-                summary=f"{type(exc).__name__}: {exc}"[:400],
-                error_code="handler_error",
-                error_message=f"{type(exc).__name__}: {exc}",
-                retryable=True,
-            )
+            result = _crashed_pb(running, exc)
         finally:
             if self._jobs.get(running.job.id) is running:
                 del self._jobs[running.job.id]
@@ -519,7 +527,15 @@ class WorkerDaemon:
             silent = now - self._last_ack > grace - margin
             for running in list(self._jobs.values()):
                 if silent or now > running.lease_deadline - margin:
-                    self._abort(running, CancelReason.LEASE_UNPROVEN)
+                    # Say so, too: if the lease does still stand, the job is requeued at once.
+                    self._release(running, CancelReason.LEASE_UNPROVEN)
+
+    async def _sweep_worktrees(self) -> None:
+        """Once at start: remove the job worktrees a killed earlier run left in the linked checkouts."""
+        for path in self._settings.repo_paths.values():
+            removed = await asyncio.to_thread(prune_worktrees, path)
+            if removed:
+                log.info("removed %d job worktree(s) a stopped run left in %s", removed, path)
 
     async def _status_writer(self) -> None:
         while self._settings.status_file is not None:
@@ -546,8 +562,15 @@ class WorkerDaemon:
             "updated_at": time.time(),
         }
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=2))
-        tmp.replace(path)
+        try:
+            tmp.write_text(json.dumps(state, indent=2))
+            tmp.replace(path)
+        except OSError as exc:  # a full disk must not stop the worker
+            if not self._status_failing:
+                log.warning("cannot write the status file %s: %s; `ias worker status` is stale", path, exc)
+            self._status_failing = True
+            return
+        self._status_failing = False
 
 
 class _Drained(Exception):
@@ -597,6 +620,34 @@ def _frame_job(frame: wpb.ConnectRequest) -> str:
 
 def _frame_epoch(frame: wpb.ConnectRequest) -> int:
     return frame.outcome.lease_epoch if frame.HasField("outcome") else frame.release.lease_epoch
+
+
+def _failed_pb(failure: JobFailed) -> job_pb2.JobResult:
+    return job_pb2.JobResult(
+        summary=failure.message[:400],
+        error_code=failure.code,
+        error_message=failure.message,
+        retryable=failure.retryable,
+    )
+
+
+def _crashed_pb(running: _RunningJob, exc: Exception) -> job_pb2.JobResult:
+    """The result of a handler that raised something other than `JobFailed` (call in `except`)."""
+    extra = {"job_id": running.job.id, "attempt": running.job.attempt, "lease_epoch": running.epoch}
+    missing = missing_checkout(running.ctx)
+    if missing is not None:
+        # The checkout was deleted under the job: the error is a symptom of that, not a handler bug.
+        log.warning(
+            "%s (the job then failed with %s: %s)", missing.message, type(exc).__name__, exc, extra=extra
+        )
+        return _failed_pb(missing)
+    log.exception("job handler crashed", extra=extra)
+    return job_pb2.JobResult(
+        summary=f"{type(exc).__name__}: {exc}"[:400],
+        error_code="handler_error",
+        error_message=f"{type(exc).__name__}: {exc}",
+        retryable=True,
+    )
 
 
 def _result_pb(result: HandlerResult) -> job_pb2.JobResult:

@@ -76,6 +76,21 @@ class JobContext:
             return True
 
 
+def missing_checkout(ctx: JobContext) -> JobFailed | None:
+    """The failure of a job whose mapped checkout no longer exists (deleted or moved), else None.
+
+    Whatever error the vanished files caused along the way, this is what the job reports.
+    """
+    path = ctx.repo_path
+    if path is None or path.exists():
+        return None
+    of_repo = f" of repository {ctx.repo_id}" if ctx.repo_id else ""
+    hint = (
+        f"; `ias repo link NEWPATH` if it moved, else `ias repo unlink {ctx.repo_id}`" if ctx.repo_id else ""
+    )
+    return JobFailed(f"the checkout {path}{of_repo} no longer exists{hint}", code="repo_missing")
+
+
 Handler = Callable[[JobContext], Awaitable[HandlerResult]]
 
 

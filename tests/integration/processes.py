@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pygit2
 from conftest import wait_until
 
 
@@ -133,3 +134,16 @@ def show(address: str, token: str, job_id: str) -> dict[str, Any]:
     out = ias("jobs", "show", job_id, "--json", env=ias_env(IAS_CONTROL_PLANE=address, IAS_TOKEN=token))
     assert out.returncode == 0, out.stderr
     return dict(json.loads(out.stdout))
+
+
+def make_repo(path: Path, *, origin: str = "git@github.com:acme/widgets.git") -> pygit2.Repository:
+    """A small real repository with one commit on main and an `origin` remote (its identity)."""
+    sig = pygit2.Signature("Dev", "dev@example.com", 1_700_000_000, 0)
+    repo = pygit2.init_repository(str(path), initial_head="main")
+    (path / "pyproject.toml").write_text('[project]\nname = "widgets"\n')
+    (path / "app.py").write_text("print('hi')\n")
+    repo.index.add_all()
+    repo.index.write()
+    repo.create_commit("HEAD", sig, sig, "initial", repo.index.write_tree(), [])
+    repo.remotes.create("origin", origin)
+    return repo

@@ -9,22 +9,9 @@ from pathlib import Path
 import pygit2
 import pytest
 from conftest import wait_until
-from processes import Server, Worker, ias, ias_env, show, submit
+from processes import Server, Worker, ias, ias_env, make_repo, show, submit
 
 pytestmark = pytest.mark.slow
-
-SIG = pygit2.Signature("Dev", "dev@example.com", 1_700_000_000, 0)
-
-
-def make_repo(path: Path) -> pygit2.Repository:
-    repo = pygit2.init_repository(str(path), initial_head="main")
-    (path / "pyproject.toml").write_text('[project]\nname = "widgets"\n')
-    (path / "app.py").write_text("print('hi')\n")
-    repo.index.add_all()
-    repo.index.write()
-    repo.create_commit("HEAD", SIG, SIG, "initial", repo.index.write_tree(), [])
-    repo.remotes.create("origin", "git@github.com:acme/widgets.git")
-    return repo
 
 
 def checkout_state(repo: pygit2.Repository) -> tuple[object, ...]:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from worker.git_ops import JobCommit, JobRequest, Workspace
-from worker.handlers import HandlerResult, JobContext, JobFailed
+from worker.handlers import HandlerResult, JobContext, JobFailed, missing_checkout
 
 SCAFFOLD_ROOT = ("templates", "scaffold")  # inside the `worker` package
 SLUG_RE = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
@@ -21,13 +21,17 @@ MAX_TEXT = 20_000
 
 
 def require_repo(ctx: JobContext) -> Path:
-    """The user's checkout this job runs against; a worker without the mapping cannot help."""
+    """The user's checkout this job runs against; a worker without the mapping, or whose mapped
+    checkout was deleted, cannot help."""
     if ctx.repo_path is None:
         raise JobFailed(
             f"no local checkout is mapped for repository {ctx.repo_id or '(unknown)'} on this worker",
             code="missing_repo_mapping",
             retryable=False,
         )
+    missing = missing_checkout(ctx)
+    if missing is not None:
+        raise missing
     return ctx.repo_path
 
 

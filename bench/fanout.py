@@ -85,7 +85,12 @@ async def run_fanout(server: RunningServer, params: FanoutParams) -> FanoutResul
             proc.kill()
             await proc.wait()
     per_watcher = measured["deliveries"] / params.subscribers / params.seconds
-    log.info("fan-out: %d jobs, %.0f events/s to each watcher", jobs, per_watcher)
+    log.info(
+        "fan-out: %d jobs, %.0f events/s to each watcher, %.1f events per response",
+        jobs,
+        per_watcher,
+        measured["events_per_response"],
+    )
     if measured["streams_with_faults"] or measured["streams_behind"] or not measured["resumed"]:
         raise ScenarioFailed(f"fan-out: event streams were not exact: {measured}")
     return FanoutResult(

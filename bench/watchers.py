@@ -5,7 +5,8 @@ Prints ``ready`` once every stream is open, runs until a line ``stop`` on stdin 
 caught up with the newest event (at most ``CATCH_UP_LIMIT_S``), then prints one JSON
 object: delivery latency (receive time minus ``occurred_at``) over the events that occurred after
 ``ready``, and per stream whether its sequence numbers had a gap or a duplicate. Stream 0 is dropped
-after ``DROP_AFTER_S`` seconds and resumes with ``since_seq`` = the last it saw.
+after ``DROP_AFTER_S`` seconds and resumes with ``since_seq`` = the last it saw. The streams ask for
+coalesced responses, as the Console does, so one response may carry several events.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ CATCH_UP_LIMIT_S: Final = 60.0
 @dataclass(eq=False)
 class Stream:
     seqs: list[int] = field(default_factory=list)
+    responses: int = 0
     latencies_ms: list[float] = field(default_factory=list)
     resumed: bool = False
     measured: bool = True  # the dropped stream's catch-up after resuming is not delivery latency
@@ -52,18 +54,19 @@ class Stream:
 async def watch(
     stub: cpb_grpc.ConsoleServiceAsyncStub, token: str, stream: Stream, since: int, measure_from: list[float]
 ) -> None:
-    call: Call = stub.Watch(cpb.WatchRequest(since_seq=since), metadata=bearer(token))
+    call: Call = stub.Watch(cpb.WatchRequest(since_seq=since, coalesce=True), metadata=bearer(token))
     await call.wait_for_connection()
     for _ in range(MAX_EVENTS):
         reply = await call.read()
         now = time.time()
         if not isinstance(reply, cpb.WatchResponse):
             return
-        event = reply.event
-        occurred = event.occurred_at.seconds + event.occurred_at.nanos / 1e9
-        stream.seqs.append(event.seq)
-        if stream.measured and measure_from and occurred >= measure_from[0]:
-            stream.latencies_ms.append((now - occurred) * 1000)
+        stream.responses += 1
+        for event in reply.events or [reply.event]:
+            occurred = event.occurred_at.seconds + event.occurred_at.nanos / 1e9
+            stream.seqs.append(event.seq)
+            if stream.measured and measure_from and occurred >= measure_from[0]:
+                stream.latencies_ms.append((now - occurred) * 1000)
 
 
 async def dropped_then_resumed(
@@ -131,6 +134,7 @@ def _summary(streams: list[Stream], cpu_pct: float) -> dict[str, Any]:
         "p99_ms": lat.p99 if lat else None,
         "max_ms": lat.max if lat else None,
         "deliveries": len(latencies),
+        "events_per_response": sum(len(s.seqs) for s in streams) / max(sum(s.responses for s in streams), 1),
         "streams_with_faults": sum(1 for g, d in faults if g or d),
         "streams_behind": sum(1 for x in last if x < max(last)),
         "resumed_gaps": faults[0][0],

@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from ias.v1 import console_service_pb2 as cpb
+from ias.v1 import console_service_pb2_grpc as cpb_grpc
+from ias.v1 import event_pb2
 from ias.v1 import job_service_pb2 as jpb
 from ias.v1 import job_service_pb2_grpc as jpb_grpc
 from ias.v1 import worker_service_pb2 as wpb
@@ -102,6 +105,39 @@ class JobsClient:
 
     async def close(self) -> None:
         await self.channel.close()
+
+
+def events_of(reply: cpb.WatchResponse) -> list[event_pb2.Event]:
+    """The events one Watch response carries: several in ``events``, or one in ``event``."""
+    return list(reply.events) if reply.events else [reply.event]
+
+
+class Watcher:
+    """One ConsoleService.Watch stream, read event by event whatever the responses' form."""
+
+    def __init__(
+        self, channel: grpc.aio.Channel, token: str, *, since: int = 0, coalesce: bool = True
+    ) -> None:
+        request = cpb.WatchRequest(since_seq=since, coalesce=coalesce)
+        self.call = cpb_grpc.ConsoleServiceStub(channel).Watch(request, metadata=bearer(token))
+        self.responses: list[cpb.WatchResponse] = []
+
+    async def read(self, count: int, timeout: float = 10.0) -> list[event_pb2.Event]:
+        """At least ``count`` more events (a response is never split), in the order received."""
+        events: list[event_pb2.Event] = []
+        async with asyncio.timeout(timeout):
+            for _ in range(count):  # every response carries at least one event
+                if len(events) >= count:
+                    break
+                reply = await self.call.read()
+                assert reply is not grpc.aio.EOF, "Watch ended"
+                assert isinstance(reply, cpb.WatchResponse)
+                self.responses.append(reply)
+                events += events_of(reply)
+        return events
+
+    def close(self) -> None:
+        self.call.cancel()
 
 
 class RawWorker:

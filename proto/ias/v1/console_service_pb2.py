@@ -26,7 +26,7 @@ from ias.v1 import event_pb2 as ias_dot_v1_dot_event__pb2
 from ias.v1 import job_pb2 as ias_dot_v1_dot_job__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cias/v1/console_service.proto\x12\x06ias.v1\x1a\x12ias/v1/event.proto\x1a\x10ias/v1/job.proto\"7\n\x0cWatchRequest\x12\x14\n\x0cworkspace_id\x18\x01 \x01(\t\x12\x11\n\tsince_seq\x18\x02 \x01(\x03\"-\n\rWatchResponse\x12\x1c\n\x05\x65vent\x18\x01 \x01(\x0b\x32\r.ias.v1.Event\"-\n\x12ListWorkersRequest\x12\x17\n\x0finclude_offline\x18\x01 \x01(\x08\"6\n\x13ListWorkersResponse\x12\x1f\n\x07workers\x18\x01 \x03(\x0b\x32\x0e.ias.v1.Worker2\x90\x01\n\x0e\x43onsoleService\x12\x36\n\x05Watch\x12\x14.ias.v1.WatchRequest\x1a\x15.ias.v1.WatchResponse0\x01\x12\x46\n\x0bListWorkers\x12\x1a.ias.v1.ListWorkersRequest\x1a\x1b.ias.v1.ListWorkersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cias/v1/console_service.proto\x12\x06ias.v1\x1a\x12ias/v1/event.proto\x1a\x10ias/v1/job.proto\"I\n\x0cWatchRequest\x12\x14\n\x0cworkspace_id\x18\x01 \x01(\t\x12\x11\n\tsince_seq\x18\x02 \x01(\x03\x12\x10\n\x08\x63oalesce\x18\x03 \x01(\x08\"L\n\rWatchResponse\x12\x1c\n\x05\x65vent\x18\x01 \x01(\x0b\x32\r.ias.v1.Event\x12\x1d\n\x06\x65vents\x18\x02 \x03(\x0b\x32\r.ias.v1.Event\"-\n\x12ListWorkersRequest\x12\x17\n\x0finclude_offline\x18\x01 \x01(\x08\"6\n\x13ListWorkersResponse\x12\x1f\n\x07workers\x18\x01 \x03(\x0b\x32\x0e.ias.v1.Worker2\x90\x01\n\x0e\x43onsoleService\x12\x36\n\x05Watch\x12\x14.ias.v1.WatchRequest\x1a\x15.ias.v1.WatchResponse0\x01\x12\x46\n\x0bListWorkers\x12\x1a.ias.v1.ListWorkersRequest\x1a\x1b.ias.v1.ListWorkersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,13 +34,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ias.v1.console_service_pb2'
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_WATCHREQUEST']._serialized_start=78
-  _globals['_WATCHREQUEST']._serialized_end=133
-  _globals['_WATCHRESPONSE']._serialized_start=135
-  _globals['_WATCHRESPONSE']._serialized_end=180
-  _globals['_LISTWORKERSREQUEST']._serialized_start=182
-  _globals['_LISTWORKERSREQUEST']._serialized_end=227
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=229
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=283
-  _globals['_CONSOLESERVICE']._serialized_start=286
-  _globals['_CONSOLESERVICE']._serialized_end=430
+  _globals['_WATCHREQUEST']._serialized_end=151
+  _globals['_WATCHRESPONSE']._serialized_start=153
+  _globals['_WATCHRESPONSE']._serialized_end=229
+  _globals['_LISTWORKERSREQUEST']._serialized_start=231
+  _globals['_LISTWORKERSREQUEST']._serialized_end=276
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=278
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=332
+  _globals['_CONSOLESERVICE']._serialized_start=335
+  _globals['_CONSOLESERVICE']._serialized_end=479
 # @@protoc_insertion_point(module_scope)

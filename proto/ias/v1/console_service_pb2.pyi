@@ -28,19 +28,26 @@ class WatchRequest(_message.Message):
 
     WORKSPACE_ID_FIELD_NUMBER: _builtins.int
     SINCE_SEQ_FIELD_NUMBER: _builtins.int
+    COALESCE_FIELD_NUMBER: _builtins.int
     workspace_id: _builtins.str
     """The workspace; empty means the caller's own."""
     since_seq: _builtins.int
     """Resume after this sequence number; 0 streams the whole log."""
+    coalesce: _builtins.bool
+    """The caller reads WatchResponse.events: the server may then put several consecutive events
+    in one response, so that a busy log costs one message per batch instead of one per event.
+    Left false, every response carries exactly one event in WatchResponse.event.
+    """
     def __init__(
         self,
         *,
         workspace_id: _builtins.str = ...,
         since_seq: _builtins.int = ...,
+        coalesce: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["since_seq", b"since_seq", "workspace_id", b"workspace_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coalesce", b"coalesce", "since_seq", b"since_seq", "workspace_id", b"workspace_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -48,23 +55,32 @@ Global___WatchRequest: _TypeAlias = WatchRequest  # noqa: Y015
 
 @_typing.final
 class WatchResponse(_message.Message):
-    """WatchResponse carries one event."""
+    """WatchResponse carries the next events of the log: either one event in `event`, or, only for a
+    request with `coalesce`, several consecutive events in `events` (then `event` is unset). Either
+    way the stream as a whole has every event once, in `seq` order with no gap.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     EVENT_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def event(self) -> _event_pb2.Event:
-        """The event."""
+        """The next event, when the response carries one."""
+
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_event_pb2.Event]:
+        """The next events in `seq` order, when the response carries several."""
 
     def __init__(
         self,
         *,
         event: _event_pb2.Event | None = ...,
+        events: _abc.Iterable[_event_pb2.Event] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "events", b"events"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

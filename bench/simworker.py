@@ -21,7 +21,7 @@ from ias.v1 import job_pb2
 from ias.v1 import worker_service_pb2 as wpb
 from ias.v1 import worker_service_pb2_grpc as wpb_grpc
 
-from worker.client import bearer, open_channel
+from worker.client import bearer, open_channel, reconnect_delay
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class Tally:
 
 class SimWorker:
     """One worker session with one slot; with ``reconnect``, a new session whenever one ends, with
-    the real daemon's backoff (exponential from 0.2 s, jitter up to 0.5 s)."""
+    the real daemon's backoff (`worker.client.reconnect_delay`)."""
 
     def __init__(self, *, target: str, token: str, name: str, tally: Tally, reconnect: bool = False) -> None:
         self.name = name
@@ -92,6 +92,7 @@ class SimWorker:
         self._token = token
         self._tally = tally
         self._reconnect = reconnect
+        self._drained = False  # the last session ended with a drain for a server restart
         self._stopping = False
         self._outbox: asyncio.Queue[wpb.ConnectRequest | None] = asyncio.Queue()
         self._channel: grpc.aio.Channel | None = None
@@ -126,6 +127,7 @@ class SimWorker:
         if not isinstance(first, wpb.ConnectResponse) or first.WhichOneof("frame") != "welcome":
             raise RuntimeError(f"{self.name}: expected a welcome, got {first!r}")
         self._tally.welcomes.append((self.name, time.time()))
+        self._drained = False
         return call, first.welcome.heartbeat_interval.ToTimedelta().total_seconds()
 
     async def _serve_all(self, call: Call, interval: float) -> None:
@@ -137,7 +139,7 @@ class SimWorker:
 
     async def _reopen(self) -> tuple[Call, float]:
         for attempt in range(MAX_SESSIONS):
-            await asyncio.sleep(min(0.2 * 2**attempt, 30.0) + random.uniform(0, 0.5))
+            await asyncio.sleep(reconnect_delay(attempt, after_restart=self._drained))
             try:
                 return await self._open()
             except (grpc.aio.AioRpcError, TimeoutError, RuntimeError):
@@ -180,6 +182,7 @@ class SimWorker:
                 f"{self.name}: {rejected.frame} rejected ({rejected.code}): {rejected.message}"
             )
         elif kind == "drain" and self._reconnect:
+            self._drained = frame.drain.reason == "server_shutdown"
             self._outbox.put_nowait(None)  # like the daemon: end this session, then reconnect
         elif kind in ("cancel", "lease_revoked", "drain"):
             self._tally.problem(f"{self.name}: unexpected {kind}: {getattr(frame, kind)}")

@@ -130,13 +130,16 @@ class ControlPlane:
         """Stop accepting, tell workers to drain, let in-flight RPCs finish, then close."""
         await self.health.enter_graceful_shutdown()
         self.workers.shutting_down = True
+        # New calls are refused from here on by gRPC itself, so workers that reconnect at once
+        # after the drain cost this process nothing while it winds down.
+        stopping = asyncio.create_task(self.server.stop(grace), name="grpc stop")
         for session in self.sessions:
             session.send(wpb.ConnectResponse(drain=wpb.Drain(reason="server_shutdown")))
             session.close()
         # Sessions record themselves offline on the way out: let them, before the database closes.
         if self.workers.active:
             await asyncio.wait(set(self.workers.active), timeout=grace)
-        await self.server.stop(grace)
+        await stopping
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -157,6 +160,7 @@ async def build(settings: ServerSettings) -> ControlPlane:
     )
     queue = JobQueue(db=db, hub=hub, settings=settings, on_available=lambda ws: dispatcher.wake(ws))
     dispatcher = Dispatcher(queue=queue, sessions=sessions)
+    queue.direct = dispatcher
     await queue.ensure_workspace(settings.default_workspace)
     maintenance = Maintenance(queue=queue, sessions=sessions, dispatcher=dispatcher, settings=settings)
 

@@ -146,7 +146,7 @@ async def serve(settings: ServerSettings, *, ready_file: Path | None = None) -> 
     plane = await build(settings)
     await plane.start()
     if ready_file is not None:
-        await asyncio.to_thread(ready_file.write_text, json.dumps({"listen": plane.address}))
+        await asyncio.to_thread(_write_atomically, ready_file, json.dumps({"listen": plane.address}))
     click.echo(f"control plane serving on {plane.address}", err=True)
     stopped = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -217,3 +217,10 @@ def _run(coro: Any) -> Any:
         fail(exc.message)
     except OSError as exc:
         fail(f"{exc.strerror or exc}")
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write then rename, so a reader polling for the file never sees it half-written."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from typing import Protocol
 
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
@@ -49,6 +50,16 @@ class Assignee:
     session_id: str
 
 
+class DirectDispatch(Protocol):
+    """Assigns a job in its submit's transaction when a session can take it at once."""
+
+    def reserve(self, job: Job) -> Assignee | None: ...
+
+    def deliver(self, job: Job) -> None: ...
+
+    def unreserve(self, job: Job) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class HeldLease:
     """A (job, epoch) a worker says it holds."""
@@ -71,6 +82,16 @@ class NewJob:
 
 
 @dataclass(frozen=True, slots=True)
+class Refill:
+    """Claim the next job for the session reporting an outcome, in the outcome's transaction: the
+    freed slot is filled without a dispatch round or a transaction of its own."""
+
+    types: tuple[str, ...]
+    repo_ids: tuple[str, ...]
+    assignee: Assignee
+
+
+@dataclass(frozen=True, slots=True)
 class _Outcome:
     """A worker's outcome waiting for its group commit."""
 
@@ -80,6 +101,31 @@ class _Outcome:
     epoch: int
     status: JobStatus
     result: JobResult
+    refill: Refill | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _StatusChange:
+    """A session going offline or draining, waiting for its group commit."""
+
+    worker_id: str
+    session_id: str
+    status: WorkerStatus
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Connect:
+    """A worker's hello, waiting for its group commit."""
+
+    workspace_id: str
+    name: str
+    capabilities: tuple[str, ...]
+    repo_ids: tuple[str, ...]
+    slots: int
+    version: str
+    held: tuple[HeldLease, ...]
+    session_id: str
 
 
 @dataclass(slots=True)
@@ -111,8 +157,14 @@ class JobQueue:
         self._on_available = on_available
         self._clock = clock
         self._started = clock()
+        self.direct: DirectDispatch | None = None
         self._submits: GroupCommit[Job, Job] = GroupCommit(self._insert_jobs)
-        self._outcomes: GroupCommit[_Outcome, tuple[Job, bool]] = GroupCommit(self._record_outcomes)
+        self._outcomes: GroupCommit[_Outcome, tuple[Job, bool, Job | None]] = GroupCommit(
+            self._record_outcomes
+        )
+        # A fleet reconnecting after a restart, or a replica stopping, changes many workers at once.
+        self._connects: GroupCommit[_Connect, tuple[Worker, list[Job]]] = GroupCommit(self._connect_workers)
+        self._statuses: GroupCommit[_StatusChange, None] = GroupCommit(self._set_statuses, max_batch=256)
 
     @property
     def db(self) -> Database:
@@ -190,13 +242,39 @@ class JobQueue:
         return job, False
 
     async def _insert_jobs(self, jobs: Sequence[Job]) -> list[Job | Exception]:
-        """Store submissions without an idempotency key, many per transaction (group commit)."""
-        async with self._write() as tx:
-            await jobs_store.insert_jobs(tx.conn, jobs=jobs)
-            for job in jobs:
-                tx.add(job.workspace_id, Draft(EventKind.JOB_SUBMITTED, job=job))
-                tx.available.add(job.workspace_id)
-        return list(jobs)
+        """Store submissions without an idempotency key, many per transaction (group commit).
+
+        A job an idle session can take at once is stored already assigned to it and sent after the
+        commit (see `DirectDispatch`); the rest wait for the dispatcher.
+        """
+        direct, ttl = self.direct, self._settings.lease_ttl
+        stored: list[Job] = []
+        assigned: list[Job] = []
+        try:
+            async with self._write() as tx:
+                for job in jobs:
+                    who = direct.reserve(job) if direct is not None else None
+                    tx.add(job.workspace_id, Draft(EventKind.JOB_SUBMITTED, job=job))
+                    if who is None:
+                        stored.append(job)
+                        tx.available.add(job.workspace_id)
+                        continue
+                    running = jobs_domain.assign(
+                        job, worker_id=who.worker_id, session_id=who.session_id, now=tx.now, ttl=ttl
+                    )
+                    tx.add(job.workspace_id, Draft(EventKind.JOB_ASSIGNED, job=running))
+                    stored.append(running)
+                    assigned.append(running)
+                await jobs_store.insert_jobs(tx.conn, jobs=stored)
+        except BaseException:
+            for job in assigned:
+                assert direct is not None
+                direct.unreserve(job)
+            raise
+        for job in assigned:
+            assert direct is not None
+            direct.deliver(job)
+        return [*stored]
 
     async def get(self, *, workspace_id: str, job_id: str) -> Job:
         async with self._db.read() as conn:
@@ -240,15 +318,18 @@ class JobQueue:
         workspace_id: str,
         types: Sequence[str],
         repo_ids: Sequence[str],
-        assignees: Sequence[Assignee],
+        slots: int,
+        pick: Callable[[int], Sequence[Assignee]],
     ) -> list[tuple[Job, Assignee]]:
-        """Atomically take up to one pending job per assignee, in priority order."""
+        """Atomically take up to ``slots`` pending jobs in priority order; ``pick(n)`` names the
+        sessions for the ``n`` found (so an empty queue costs nothing per free session)."""
         ttl = self._settings.lease_ttl
         async with self._write() as tx:
             pending = await jobs_store.claimable(
-                tx.conn, workspace_id=workspace_id, types=types, repo_ids=repo_ids, limit=len(assignees)
+                tx.conn, workspace_id=workspace_id, types=types, repo_ids=repo_ids, limit=slots
             )
             claimed = []
+            assignees = pick(len(pending)) if pending else []
             for job, who in zip(pending, assignees, strict=False):
                 running = jobs_domain.assign(
                     job, worker_id=who.worker_id, session_id=who.session_id, now=tx.now, ttl=ttl
@@ -276,6 +357,30 @@ class JobQueue:
 
         Outcomes arriving together (from many worker streams) are recorded in one transaction.
         """
+        job, duplicate, _ = await self.record_outcome_and_refill(
+            workspace_id=workspace_id,
+            worker_id=worker_id,
+            job_id=job_id,
+            epoch=epoch,
+            status=status,
+            result=result,
+            refill=None,
+        )
+        return job, duplicate
+
+    async def record_outcome_and_refill(
+        self,
+        *,
+        workspace_id: str,
+        worker_id: str,
+        job_id: str,
+        epoch: int,
+        status: JobStatus,
+        result: JobResult,
+        refill: Refill | None,
+    ) -> tuple[Job, bool, Job | None]:
+        """`record_outcome`, and with ``refill`` the next pending job for the reporting session, if
+        any, assigned in the same transaction (only when the outcome freed its slot)."""
         return await self._outcomes(
             _Outcome(
                 workspace_id=workspace_id,
@@ -284,25 +389,54 @@ class JobQueue:
                 epoch=epoch,
                 status=status,
                 result=result,
+                refill=refill,
             )
         )
 
-    async def _record_outcomes(self, outcomes: Sequence[_Outcome]) -> list[tuple[Job, bool] | Exception]:
+    async def _record_outcomes(
+        self, outcomes: Sequence[_Outcome]
+    ) -> list[tuple[Job, bool, Job | None] | Exception]:
         """Record a batch of outcomes in one transaction; each gets its own answer.
 
         Every job of the batch is read and locked in one statement; each outcome is then decided
         in arrival order against the latest state (so a replay right behind its original in the
-        same batch is a duplicate), and the changed jobs are written in one executemany.
+        same batch is a duplicate). Sessions that asked to be refilled then claim their next jobs,
+        one statement per kind of session, and every changed job is written in one executemany.
         """
-        answers: list[tuple[Job, bool] | Exception] = []
+        answers: list[tuple[Job, bool, Job | None] | Exception] = []
         async with self._write() as tx:
             jobs = await jobs_store.get_many(tx.conn, job_ids=[o.job_id for o in outcomes], lock=True)
             writes: dict[str, tuple[Job, JobStatus, int]] = {}
+            wanted: dict[tuple[str, tuple[str, ...], tuple[str, ...]], list[int]] = defaultdict(list)
             for outcome in outcomes:
                 try:
-                    answers.append(self._decide_outcome(tx, outcome, jobs, writes))
+                    job, duplicate = self._decide_outcome(tx, outcome, jobs, writes)
                 except IasError as exc:
                     answers.append(exc)
+                    continue
+                answers.append((job, duplicate, None))
+                if outcome.refill is not None and not duplicate:
+                    key = (outcome.workspace_id, outcome.refill.types, outcome.refill.repo_ids)
+                    wanted[key].append(len(answers) - 1)
+            for (workspace_id, types, repo_ids), indexes in wanted.items():
+                pending = await jobs_store.claimable(
+                    tx.conn, workspace_id=workspace_id, types=types, repo_ids=repo_ids, limit=len(indexes)
+                )
+                for job, index in zip(pending, indexes, strict=False):
+                    refill = outcomes[index].refill
+                    answer = answers[index]
+                    assert refill is not None and isinstance(answer, tuple)
+                    who = refill.assignee
+                    running = jobs_domain.assign(
+                        job,
+                        worker_id=who.worker_id,
+                        session_id=who.session_id,
+                        now=tx.now,
+                        ttl=self._settings.lease_ttl,
+                    )
+                    tx.add(workspace_id, Draft(EventKind.JOB_ASSIGNED, job=running))
+                    writes[job.id] = (running, job.status, job.lease_epoch)
+                    answers[index] = (answer[0], answer[1], running)
             await jobs_store.save_many(tx.conn, jobs=list(writes.values()))
         return answers
 
@@ -351,6 +485,17 @@ class JobQueue:
             tx.available.add(workspace_id)
         return released
 
+    async def requeue_lost(
+        self, *, workspace_id: str, worker_id: str, job_id: str, epoch: int, reason: str
+    ) -> bool:
+        """Requeue a running job its worker turned out not to have, as its next attempt (or fail
+        it when none are left); False if the lease moved on meanwhile."""
+        async with self._write() as tx:
+            job = await jobs_store.get(tx.conn, workspace_id=workspace_id, job_id=job_id, lock=True)
+            if job is None or job.worker_id != worker_id or job.lease_epoch != epoch:
+                return False
+            return await self._requeue(tx, job, reason) == 1
+
     async def cancel(self, *, workspace_id: str, job_id: str, reason: str) -> tuple[Job, Job]:
         """Cancel an unfinished job; returns (before, after) so a running holder can be told."""
         async with self._write() as tx:
@@ -377,20 +522,31 @@ class JobQueue:
                 await jobs_store.save(tx.conn, job=moved, expect_status=job.status, expect_epoch=epoch)
                 tx.add(workspace_id, Draft(EventKind.JOB_PROGRESS, job=moved))
 
-    async def renew(self, *, session_ids: Sequence[str]) -> tuple[list[tuple[str, str, int]], datetime]:
-        """Persist fresh leases for every running job of the live sessions (one write per batch)."""
+    async def renew(self, *, held: Sequence[tuple[str, str]]) -> tuple[list[tuple[str, str, int]], datetime]:
+        """Persist fresh leases for the (job id, session id) pairs the live sessions hold (one
+        write per batch); returns the (job id, session id, epoch) renewed and the new expiry."""
         async with self._write() as tx:
             expires = tx.now + self._settings.lease_ttl
-            renewed = await jobs_store.renew(tx.conn, session_ids=session_ids, expires_at=expires)
+            renewed = await jobs_store.renew(tx.conn, held=held, expires_at=expires)
         return renewed, expires
 
-    async def sweep(self) -> int:
-        """Requeue jobs whose lease expired or whose worker is gone; returns how many moved."""
+    async def sweep(self, *, judge_replicas: bool = True) -> int:
+        """Requeue jobs whose lease expired or whose worker is gone; returns how many moved.
+
+        ``judge_replicas`` is false while this replica has not itself reached the database for a
+        whole grace: after an outage every replica's proof of life is equally old, and taking the
+        others for dead then would strand workers that are fine.
+        """
         grace = self._settings.reconnect_grace
         async with self._write() as tx:
-            for worker in await workers_store.strand_dead_replicas(
-                tx.conn, now=tx.now, grace=grace, own_replica_id=self._settings.replica_id
-            ):
+            stranded = (
+                await workers_store.strand_dead_replicas(
+                    tx.conn, now=tx.now, grace=grace, own_replica_id=self._settings.replica_id
+                )
+                if judge_replicas
+                else []
+            )
+            for worker in stranded:
                 tx.add(
                     worker.workspace_id,
                     Draft(EventKind.WORKER_DISCONNECTED, worker=worker, reason="replica_lost"),
@@ -447,60 +603,113 @@ class JobQueue:
         held: Sequence[HeldLease],
         session_id: str,
     ) -> tuple[Worker, list[Job]]:
-        """Start a session: adopt the jobs the worker still runs, requeue the ones it lost."""
-        held_epochs = {h.job_id: h.lease_epoch for h in held}
-        async with self._write() as tx:
-            worker = await workers_store.connect(
-                tx.conn,
-                worker_id=new_id("wrk"),
+        """Start a session: adopt the jobs the worker still runs, requeue the ones it lost.
+
+        Hellos arriving together (a fleet reconnecting after a restart) share one transaction.
+        """
+        return await self._connects(
+            _Connect(
                 workspace_id=workspace_id,
                 name=name,
-                capabilities=capabilities,
-                repo_ids=repo_ids,
+                capabilities=tuple(capabilities),
+                repo_ids=tuple(repo_ids),
                 slots=slots,
                 version=version,
+                held=tuple(held),
                 session_id=session_id,
-                replica_id=self._settings.replica_id,
-                now=tx.now,
             )
-            adopted = []
-            for job in await jobs_store.held_by_worker(tx.conn, worker_id=worker.id):
-                if held_epochs.get(job.id) == job.lease_epoch:
-                    kept = replace(
-                        job,
-                        session_id=session_id,
-                        lease_expires_at=tx.now + self._settings.lease_ttl,
-                        updated_at=tx.now,
-                    )
-                    await jobs_store.save(
-                        tx.conn, job=kept, expect_status=job.status, expect_epoch=job.lease_epoch
-                    )
-                    adopted.append(kept)
-                else:
-                    await self._requeue(tx, job, "worker_restarted")
-            tx.add(workspace_id, Draft(EventKind.WORKER_CONNECTED, worker=worker))
-            await self._notify(tx, SESSIONS_CHANNEL, f"{worker.id}:{session_id}")
+        )
+
+    async def _connect_workers(
+        self, hellos: Sequence[_Connect]
+    ) -> list[tuple[Worker, list[Job]] | Exception]:
+        answers: list[tuple[Worker, list[Job]] | Exception] = []
+        async with self._write() as tx:
+            for hello in hellos:
+                answers.append(await self._connect_one(tx, hello))
+        return answers
+
+    async def _connect_one(self, tx: _Tx, hello: _Connect) -> tuple[Worker, list[Job]]:
+        held_epochs = {h.job_id: h.lease_epoch for h in hello.held}
+        worker = await workers_store.connect(
+            tx.conn,
+            worker_id=new_id("wrk"),
+            workspace_id=hello.workspace_id,
+            name=hello.name,
+            capabilities=hello.capabilities,
+            repo_ids=hello.repo_ids,
+            slots=hello.slots,
+            version=hello.version,
+            session_id=hello.session_id,
+            replica_id=self._settings.replica_id,
+            now=tx.now,
+        )
+        adopted = []
+        for job in await jobs_store.held_by_worker(tx.conn, worker_id=worker.id):
+            if held_epochs.get(job.id) == job.lease_epoch:
+                kept = replace(
+                    job,
+                    session_id=hello.session_id,
+                    lease_expires_at=tx.now + self._settings.lease_ttl,
+                    updated_at=tx.now,
+                )
+                await jobs_store.save(
+                    tx.conn, job=kept, expect_status=job.status, expect_epoch=job.lease_epoch
+                )
+                adopted.append(kept)
+            else:
+                await self._requeue(tx, job, "worker_restarted")
+        tx.add(hello.workspace_id, Draft(EventKind.WORKER_CONNECTED, worker=worker))
+        await self._notify(tx, SESSIONS_CHANNEL, f"{worker.id}:{hello.session_id}")
         return worker, adopted
 
     async def set_worker_status(
         self, *, worker_id: str, session_id: str, status: WorkerStatus, reason: str = ""
     ) -> None:
-        """Record that a session went offline or started draining (no-op if it was replaced)."""
-        async with self._write() as tx:
-            worker = await workers_store.set_status(
-                tx.conn, worker_id=worker_id, session_id=session_id, status=status, now=tx.now
-            )
-            if worker is not None:
-                kind = (
-                    EventKind.WORKER_DISCONNECTED
-                    if status is WorkerStatus.OFFLINE
-                    else EventKind.WORKER_CONNECTED
-                )
-                tx.add(worker.workspace_id, Draft(kind, worker=worker, reason=reason))
+        """Record that a session went offline or started draining (no-op if it was replaced).
 
-    async def touch_replica(self) -> None:
+        Changes arriving together (a replica stopping, a network partition) share one transaction.
+        """
+        await self._statuses(
+            _StatusChange(worker_id=worker_id, session_id=session_id, status=status, reason=reason)
+        )
+
+    async def _set_statuses(self, changes: Sequence[_StatusChange]) -> list[Exception | None]:
         async with self._write() as tx:
-            await workers_store.touch_replica(tx.conn, replica_id=self._settings.replica_id, now=tx.now)
+            workers = await workers_store.set_statuses(
+                tx.conn, changes=[(c.worker_id, c.session_id, c.status) for c in changes], now=tx.now
+            )
+            for change, worker in zip(changes, workers, strict=True):
+                if worker is not None:
+                    kind = (
+                        EventKind.WORKER_DISCONNECTED
+                        if change.status is WorkerStatus.OFFLINE
+                        else EventKind.WORKER_CONNECTED
+                    )
+                    tx.add(worker.workspace_id, Draft(kind, worker=worker, reason=change.reason))
+        return [None] * len(changes)
+
+    async def touch_replica(self, *, live: dict[str, tuple[str, bool]] | None = None) -> None:
+        """Prove this replica alive and, if another replica took it for dead meanwhile (it was cut
+        off from the database longer than the grace), mark its live sessions' workers online again.
+
+        ``live`` maps worker id to (session id, draining) for the sessions open on this replica.
+        """
+        replica_id = self._settings.replica_id
+        async with self._write() as tx:
+            await workers_store.touch_replica(tx.conn, replica_id=replica_id, now=tx.now)
+            if not live:
+                return
+            for worker in await workers_store.reclaim_stranded(
+                tx.conn, replica_id=replica_id, live=live, now=tx.now, grace=self._settings.reconnect_grace
+            ):
+                log.warning(
+                    "worker %s was taken for stranded while its session lived; online again", worker.name
+                )
+                tx.add(
+                    worker.workspace_id,
+                    Draft(EventKind.WORKER_CONNECTED, worker=worker, reason="replica_back"),
+                )
 
     async def ensure_workspace(self, workspace_id: str) -> None:
         async with self._write() as tx:

@@ -1,7 +1,10 @@
 """WorkerService.Connect: one bidirectional stream per worker session.
 
-The handler reads frames and answers them in order; a separate writer task drains the session's
-outbox, so the dispatcher and the maintenance loops can push frames without touching the stream.
+The reader answers heartbeats and progress at once, from memory; frames that need the database
+(outcomes, releases, declined assignments, draining) each run as a task of their own, so a slow
+database never holds up a heartbeat acknowledgement: the worker would take its leases for lost and
+stop jobs the control plane still holds. A separate writer task drains the session's outbox, so the
+dispatcher and the maintenance loops can push frames without touching the stream.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ log = logging.getLogger(__name__)
 HELLO_TIMEOUT_S: Final = 10.0
 CLOSE_TIMEOUT_S: Final = 5.0
 MAX_SLOTS: Final = 256
+# Frames answered from memory, in the reader itself; every other kind needs the database.
+INLINE_FRAMES: Final = frozenset({"heartbeat", "progress", "hello", "decision_request", None})
 Ctx = grpc.aio.ServicerContext[wpb.ConnectRequest, wpb.ConnectResponse]
 
 
@@ -89,6 +94,10 @@ class WorkerServicer(wpb_grpc.WorkerServiceServicer):
             session.close()
             reader.cancel()
             await asyncio.gather(writer, reader, return_exceptions=True)
+            if session.tasks:
+                # Reports being recorded finish first (their commits stand either way), so that
+                # a shutdown closes the database only after them.
+                await asyncio.wait(set(session.tasks), timeout=CLOSE_TIMEOUT_S)
             await self._close(session)
 
     async def _open(self, hello: wpb.Hello) -> Session:
@@ -175,7 +184,18 @@ class WorkerServicer(wpb_grpc.WorkerServiceServicer):
             if not isinstance(frame, wpb.ConnectRequest):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "frame: not a valid ConnectRequest")
             session.last_heard = time.monotonic()
-            await self._handle(session, frame)
+            kind = frame.WhichOneof("frame")
+            if kind in INLINE_FRAMES:
+                await self._handle(session, frame)
+                continue
+            if kind == "draining":
+                session.draining = True  # no more assignments from now on, before the write lands
+            if len(session.tasks) >= _max_in_flight(session):
+                # A worker sends at most a report or two per slot; past that, stop reading.
+                await asyncio.wait(set(session.tasks), return_when=asyncio.FIRST_COMPLETED)
+            task = asyncio.create_task(self._handle(session, frame), name=f"{kind} {session.id}")
+            session.tasks.add(task)
+            task.add_done_callback(session.tasks.discard)
 
     async def _handle(self, session: Session, frame: wpb.ConnectRequest) -> None:
         kind = frame.WhichOneof("frame")
@@ -218,8 +238,29 @@ class WorkerServicer(wpb_grpc.WorkerServiceServicer):
         except IasError as exc:
             job_id = getattr(getattr(frame, kind, None), "job_id", "") if kind else ""
             session.send(_rejected(kind or "", job_id, code_for(exc), exc.message, getattr(exc, "field", "")))
+        except Exception:
+            # A bug, not the worker's fault: say so on this frame; the session and its other jobs live on.
+            log.exception("handling a %s frame of worker %s failed", kind, session.worker_name)
+            job_id = getattr(getattr(frame, kind, None), "job_id", "") if kind else ""
+            session.send(_rejected(kind or "", job_id, grpc.StatusCode.INTERNAL, "internal error"))
 
     def _on_heartbeat(self, session: Session, beat: wpb.Heartbeat) -> None:
+        confirmed = {h.job_id: h.lease_epoch for h in beat.reporting}
+        confirmed.update((h.job_id, h.lease_epoch) for h in beat.held_jobs)
+        grace = self._settings.reconnect_grace.total_seconds()
+        for job_id, epoch in session.unconfirmed(confirmed, older_than=grace):
+            # The worker had a whole grace of heartbeats to mention the job and did not: it does
+            # not have it (a bug, or a report it gave up on). Requeue it now rather than renew its
+            # lease forever.
+            log.warning(
+                "worker %s does not run a job its session holds; requeueing it",
+                session.worker_name,
+                extra={"job_id": job_id, "lease_epoch": epoch},
+            )
+            revoke(session, job_id, epoch, "not_running")
+            task = asyncio.create_task(self._requeue_lost(session, job_id, epoch), name=f"requeue {job_id}")
+            session.tasks.add(task)
+            task.add_done_callback(session.tasks.discard)
         for held in beat.held_jobs:
             if session.held.get(held.job_id) != held.lease_epoch:
                 # The worker runs something this session does not hold: stop it.
@@ -230,6 +271,11 @@ class WorkerServicer(wpb_grpc.WorkerServiceServicer):
                         )
                     )
                 )
+        if not session.held:
+            # Nothing to vouch for: an idle worker needs no answer (any frame it later receives,
+            # an assignment first of all, proves the session). At 2,000 idle workers this halves
+            # the frames the replica handles.
+            return
         now = utcnow()
         session.send(
             wpb.ConnectResponse(
@@ -245,6 +291,21 @@ class WorkerServicer(wpb_grpc.WorkerServiceServicer):
                 )
             )
         )
+
+    async def _requeue_lost(self, session: Session, job_id: str, epoch: int) -> None:
+        try:
+            await self._queue.requeue_lost(
+                workspace_id=session.workspace_id,
+                worker_id=session.worker_id,
+                job_id=job_id,
+                epoch=epoch,
+                reason="not_running",
+            )
+        except IasError as exc:
+            # The lease, no longer renewed, expires and the sweep requeues the job.
+            log.warning("could not requeue job %s now: %s", job_id, exc.message)
+            return
+        self._dispatcher.slot_freed(session)
 
     async def _on_accept(self, session: Session, accept: wpb.Accept) -> None:
         _require_held(session, accept.job_id, accept.lease_epoch)
@@ -266,14 +327,18 @@ class WorkerServicer(wpb_grpc.WorkerServiceServicer):
         if not outcome.job_id:
             raise InvalidArgument("outcome.job_id", "is required")
         result = convert.result_from_pb(outcome.result)
+        # The slot this outcome frees is refilled in the same transaction when jobs may wait.
+        started = self._dispatcher.generation
+        refill = self._dispatcher.refill_for(session, outcome.job_id, outcome.lease_epoch)
         try:
-            job, duplicate = await self._queue.record_outcome(
+            job, duplicate, following = await self._queue.record_outcome_and_refill(
                 workspace_id=session.workspace_id,
                 worker_id=session.worker_id,
                 job_id=outcome.job_id,
                 epoch=outcome.lease_epoch,
                 status=status,
                 result=result,
+                refill=refill,
             )
         except (FailedPrecondition, NotFound):
             _forget_if_lost(session, outcome.job_id, outcome.lease_epoch)
@@ -286,8 +351,11 @@ class WorkerServicer(wpb_grpc.WorkerServiceServicer):
                 )
             )
         )
-        # A requeue woke the dispatcher already; a freed slot is worth a claim only if jobs wait.
-        self._dispatcher.slot_freed(session.eligibility)
+        if refill is not None and not duplicate:
+            self._dispatcher.refilled(session, following, started)
+        else:
+            # A requeue woke the dispatcher already; a freed slot is worth a claim only if jobs wait.
+            self._dispatcher.slot_freed(session)
         _log_finished(job, duplicate)
 
     async def _on_release(self, session: Session, release: wpb.Release) -> None:
@@ -309,7 +377,11 @@ class WorkerServicer(wpb_grpc.WorkerServiceServicer):
             )
         )
         # The release put the job back and woke the dispatcher for the workspace.
-        self._dispatcher.slot_freed(session.eligibility)
+        self._dispatcher.slot_freed(session)
+
+
+def _max_in_flight(session: Session) -> int:
+    return 2 * session.slots + 8
 
 
 def _forget_if_lost(session: Session, job_id: str, epoch: int) -> None:

@@ -42,7 +42,9 @@ class Maintenance:
 
     async def sweep_loop(self) -> None:
         interval = self._settings.sweep_interval.total_seconds()
+        grace = self._settings.reconnect_grace.total_seconds()
         last_touch = 0.0
+        reached_since: float | None = None  # the database answered every step since then
         while True:
             try:
                 async with asyncio.timeout(interval):  # not wait_for: see Dispatcher.run
@@ -52,16 +54,26 @@ class Maintenance:
             self._sweep_now.clear()
 
             async def step() -> None:
-                nonlocal last_touch
-                # Prove liveness several times per grace, so no other replica thinks this one died.
-                touch_every = min(REPLICA_TOUCH, self._settings.reconnect_grace / 4).total_seconds()
-                if time.monotonic() - last_touch >= touch_every:
-                    await self._queue.touch_replica()
-                    last_touch = time.monotonic()
-                if await self._queue.sweep():
-                    self._dispatcher.wake()
+                nonlocal last_touch, reached_since
+                try:
+                    # Prove liveness several times per grace, so no other replica thinks this one died.
+                    touch_every = min(REPLICA_TOUCH, self._settings.reconnect_grace / 4).total_seconds()
+                    if time.monotonic() - last_touch >= touch_every:
+                        await self._queue.touch_replica(live=self._live_sessions())
+                        last_touch = time.monotonic()
+                    if reached_since is None:
+                        reached_since = time.monotonic()
+                    judge = time.monotonic() - reached_since >= grace
+                    if await self._queue.sweep(judge_replicas=judge):
+                        self._dispatcher.wake()
+                except BaseException:
+                    reached_since = None
+                    raise
 
             await _guarded("sweep", step)
+
+    def _live_sessions(self) -> dict[str, tuple[str, bool]]:
+        return {s.worker_id: (s.id, s.draining) for s in self._sessions if not s.closed}
 
     async def renew_loop(self) -> None:
         while True:
@@ -71,16 +83,18 @@ class Maintenance:
     async def renew_once(self) -> None:
         """Persist fresh leases for every live session; revoke what the database says was lost."""
         live = [s for s in self._sessions if not s.closed]
-        if not live:
+        asked = {(job_id, s.id): epoch for s in live for job_id, epoch in s.held.items()}
+        if not asked:
             return
-        renewed, expires = await self._queue.renew(session_ids=[s.id for s in live])
+        renewed, expires = await self._queue.renew(held=list(asked))
         still = {(job_id, session_id, epoch) for job_id, session_id, epoch in renewed}
         for session in live:
             for job_id, epoch in list(session.held.items()):
                 if (job_id, session.id, epoch) in still:
                     session.lease_expires[job_id] = expires
-                else:
+                elif asked.get((job_id, session.id)) == epoch:
                     revoke(session, job_id, epoch, "lease_lost")
+                # Otherwise it was assigned while the renewal ran: its lease is newer than this one.
 
     async def progress_loop(self) -> None:
         while True:

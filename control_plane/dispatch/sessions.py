@@ -39,10 +39,13 @@ class Session:
     )
     held: dict[str, int] = field(default_factory=dict)  # job id → lease epoch
     lease_expires: dict[str, datetime] = field(default_factory=dict)
+    held_since: dict[str, float] = field(default_factory=dict)  # monotonic time of the assignment
     progress: dict[str, tuple[int, str]] = field(default_factory=dict)  # unflushed, latest wins
+    reserved: int = 0  # slots promised to jobs whose direct assignment is being committed
     draining: bool = False
     closed: bool = False
     last_heard: float = field(default_factory=time.monotonic)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)  # frames being recorded
 
     @property
     def workspace_id(self) -> str:
@@ -52,7 +55,7 @@ class Session:
     def free(self) -> int:
         if self.draining or self.closed:
             return 0
-        return max(self.slots - len(self.held), 0)
+        return max(self.slots - len(self.held) - self.reserved, 0)
 
     def send(self, frame: wpb.ConnectResponse) -> bool:
         """Queue a frame for the stream's writer; a session that cannot keep up is closed."""
@@ -80,11 +83,23 @@ class Session:
     def hold(self, job_id: str, epoch: int, expires: datetime) -> None:
         self.held[job_id] = epoch
         self.lease_expires[job_id] = expires
+        self.held_since[job_id] = time.monotonic()
 
     def drop(self, job_id: str) -> None:
         self.held.pop(job_id, None)
         self.lease_expires.pop(job_id, None)
+        self.held_since.pop(job_id, None)
         self.progress.pop(job_id, None)
+
+    def unconfirmed(self, confirmed: dict[str, int], *, older_than: float) -> list[tuple[str, int]]:
+        """The leases held for longer than ``older_than`` seconds that the worker, in a heartbeat
+        listing ``confirmed`` (job id → epoch), neither runs nor still has to report on."""
+        cutoff = time.monotonic() - older_than
+        return [
+            (job_id, epoch)
+            for job_id, epoch in self.held.items()
+            if confirmed.get(job_id) != epoch and self.held_since.get(job_id, cutoff) <= cutoff
+        ]
 
 
 class SessionRegistry:
@@ -93,20 +108,35 @@ class SessionRegistry:
     def __init__(self) -> None:
         self._by_id: dict[str, Session] = {}
         self._by_worker: dict[str, Session] = {}
+        self._groups: dict[Eligibility, dict[Session, None]] = {}  # ordered sets
 
     def add(self, session: Session) -> Session | None:
         """Register ``session``; returns the session of the same worker it fences out, if any."""
         old = self._by_worker.get(session.worker_id)
         if old is not None:
             self._by_id.pop(old.id, None)
+            self._leave_group(old)
         self._by_id[session.id] = session
         self._by_worker[session.worker_id] = session
+        self._groups.setdefault(session.eligibility, {})[session] = None
         return old
 
     def remove(self, session: Session) -> None:
-        self._by_id.pop(session.id, None)
+        if self._by_id.pop(session.id, None) is session:
+            self._leave_group(session)
         if self._by_worker.get(session.worker_id) is session:
             del self._by_worker[session.worker_id]
+
+    def groups(self) -> list[tuple[Eligibility, list[Session]]]:
+        """The sessions by eligibility (a snapshot: the caller may await between groups)."""
+        return [(eligibility, list(members)) for eligibility, members in self._groups.items()]
+
+    def _leave_group(self, session: Session) -> None:
+        members = self._groups.get(session.eligibility)
+        if members is not None:
+            members.pop(session, None)
+            if not members:
+                del self._groups[session.eligibility]
 
     def get(self, session_id: str) -> Session | None:
         return self._by_id.get(session_id)

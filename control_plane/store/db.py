@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from alembic import command
 from alembic.config import Config
@@ -131,9 +131,19 @@ def _is_query_error(exc: Exception) -> bool:
     return not exc.connection_invalidated and not _is_outage(exc)
 
 
+# SQLSTATE classes and codes that mean "the database cannot be reached or is going away", not "this
+# statement is wrong": connection exceptions, operator intervention (shutdown, starting up,
+# terminated backend), and insufficient resources (too many connections, disk full).
+_OUTAGE_SQLSTATE_CLASSES: Final = ("08", "53", "57")
+_OUTAGE_WORDS: Final = ("connection", "terminat", "shutdown", "shutting down", "starting up", "closed")
+
+
 def _is_outage(exc: DBAPIError) -> bool:
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    if isinstance(sqlstate, str) and sqlstate[:2] in _OUTAGE_SQLSTATE_CLASSES:
+        return True
     text = str(exc.orig).lower()
-    return any(s in text for s in ("connection", "terminat", "shutdown", "closed"))
+    return any(s in text for s in _OUTAGE_WORDS)
 
 
 def alembic_config() -> Config:

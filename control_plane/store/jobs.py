@@ -13,6 +13,8 @@ from control_plane.domain.jobs import Job, JobStatus
 from control_plane.store import codec
 from control_plane.store.tables import JobRow, WorkerRow
 
+# Ids per renewal statement: far below PostgreSQL's 32,767 bind parameters.
+_RENEW_CHUNK = 4000
 _jobs = JobRow.__table__  # type: ignore[attr-defined]
 _workers = WorkerRow.__table__  # type: ignore[attr-defined]
 
@@ -199,18 +201,26 @@ async def held_by_worker(conn: AsyncConnection, *, worker_id: str) -> list[Job]:
 
 
 async def renew(
-    conn: AsyncConnection, *, session_ids: Sequence[str], expires_at: datetime
+    conn: AsyncConnection, *, held: Sequence[tuple[str, str]], expires_at: datetime
 ) -> list[tuple[str, str, int]]:
-    """Extend every running lease of ``session_ids``; returns (job id, session id, epoch) renewed."""
-    if not session_ids:
-        return []
-    result = await conn.execute(
-        update(_jobs)
-        .where(_jobs.c.status == JobStatus.RUNNING.value, _jobs.c.session_id.in_(list(session_ids)))
-        .values(lease_expires_at=expires_at)
-        .returning(_jobs.c.id, _jobs.c.session_id, _jobs.c.lease_epoch)
-    )
-    return [(r[0], r[1], r[2]) for r in result.all()]
+    """Extend the running leases of ``held`` (job id, session id); returns (job id, session id,
+    epoch) renewed. Only leases a session holds are renewed: a row that names a session which no
+    longer holds the job expires, and the sweep requeues it."""
+    renewed: list[tuple[str, str, int]] = []
+    for start in range(0, len(held), _RENEW_CHUNK):
+        chunk = held[start : start + _RENEW_CHUNK]
+        result = await conn.execute(
+            update(_jobs)
+            .where(
+                _jobs.c.status == JobStatus.RUNNING.value,
+                _jobs.c.id.in_([job_id for job_id, _ in chunk]),
+                _jobs.c.session_id.in_(sorted({session_id for _, session_id in chunk})),
+            )
+            .values(lease_expires_at=expires_at)
+            .returning(_jobs.c.id, _jobs.c.session_id, _jobs.c.lease_epoch)
+        )
+        renewed += [(r[0], r[1], r[2]) for r in result.all()]
+    return renewed
 
 
 async def notify_available(conn: AsyncConnection, *, workspace_id: str, replica_id: str) -> None:

@@ -7,7 +7,7 @@ import secrets
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, func, insert, or_, select, update
+from sqlalchemy import bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from control_plane.domain.workers import Worker, WorkerStatus
@@ -67,21 +67,45 @@ async def get(conn: AsyncConnection, *, worker_id: str) -> Worker:
     return codec.worker_from_row(row)
 
 
-async def set_status(
-    conn: AsyncConnection, *, worker_id: str, session_id: str, status: WorkerStatus, now: datetime
-) -> Worker | None:
-    """Change the worker's status if ``session_id`` is still its current session."""
-    values: dict[str, object] = {"status": status.value}
-    if status is WorkerStatus.OFFLINE:
-        values["disconnected_at"] = now
-    result = await conn.execute(
-        update(_workers)
-        .where(_workers.c.id == worker_id, _workers.c.session_id == session_id)
-        .values(**values)
-    )
-    if result.rowcount != 1:
-        return None
-    return await get(conn, worker_id=worker_id)
+_SET_STATUS = (
+    update(_workers)
+    .where(_workers.c.id == bindparam("w_id"), _workers.c.session_id == bindparam("w_session"))
+    .values(status=bindparam("v_status"), disconnected_at=bindparam("v_disconnected"))
+)
+
+
+async def set_statuses(
+    conn: AsyncConnection, *, changes: Sequence[tuple[str, str, WorkerStatus]], now: datetime
+) -> list[Worker | None]:
+    """`set_status` for many (worker id, session id, status) at once: one read, one executemany.
+
+    Each answer is the changed worker, or None where the session is no longer the worker's.
+    """
+    ids = sorted({worker_id for worker_id, _, _ in changes})
+    query = select(_workers).where(_workers.c.id.in_(ids)).with_for_update()
+    current = {row["id"]: dict(row) for row in (await conn.execute(query)).mappings()}
+    answers: list[Worker | None] = []
+    params = []
+    for worker_id, session_id, status in changes:
+        row = current.get(worker_id)
+        if row is None or row["session_id"] != session_id:
+            answers.append(None)
+            continue
+        row["status"] = status.value
+        if status is WorkerStatus.OFFLINE:
+            row["disconnected_at"] = now
+        params.append(
+            {
+                "w_id": worker_id,
+                "w_session": session_id,
+                "v_status": row["status"],
+                "v_disconnected": row["disconnected_at"],
+            }
+        )
+        answers.append(codec.worker_from_row(row))
+    if params:
+        await conn.execute(_SET_STATUS, params)
+    return answers
 
 
 async def list_workers(conn: AsyncConnection, *, workspace_id: str, include_offline: bool) -> list[Worker]:
@@ -105,6 +129,49 @@ async def touch_replica(conn: AsyncConnection, *, replica_id: str, now: datetime
     )
     if result.rowcount == 0:
         await conn.execute(insert(_replicas).values(id=replica_id, started_at=now, last_seen_at=now))
+
+
+async def reclaim_stranded(
+    conn: AsyncConnection,
+    *,
+    replica_id: str,
+    live: dict[str, tuple[str, bool]],
+    now: datetime,
+    grace: timedelta,
+) -> list[Worker]:
+    """Mark online again the workers of live sessions that another replica took for stranded.
+
+    ``live`` maps worker id to (session id, draining) for this replica's open sessions. Stranding
+    dates ``disconnected_at`` at least a grace back, so a session that is closing right now (marked
+    offline with the current time) is not brought back.
+    """
+    rows = (
+        await conn.execute(
+            select(_workers.c.id, _workers.c.session_id).where(
+                _workers.c.replica_id == replica_id,
+                _workers.c.status == WorkerStatus.OFFLINE.value,
+                _workers.c.disconnected_at <= now - grace,
+            )
+        )
+    ).all()
+    workers = []
+    for worker_id, session_id in rows:
+        session = live.get(worker_id)
+        if session is None or session[0] != session_id:
+            continue
+        status = WorkerStatus.DRAINING if session[1] else WorkerStatus.ONLINE
+        result = await conn.execute(
+            update(_workers)
+            .where(
+                _workers.c.id == worker_id,
+                _workers.c.session_id == session_id,
+                _workers.c.status == WorkerStatus.OFFLINE.value,
+            )
+            .values(status=status.value, disconnected_at=None)
+        )
+        if result.rowcount == 1:
+            workers.append(await get(conn, worker_id=worker_id))
+    return workers
 
 
 async def remove_replica(conn: AsyncConnection, *, replica_id: str) -> None:

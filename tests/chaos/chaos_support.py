@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from harness import JobsClient, RawWorker, running_daemon, running_plane, settings_for
+from harness import JobsClient, RawWorker, events_of, running_daemon, running_plane, settings_for
 from ias.v1 import console_service_pb2 as cpb
 from ias.v1 import console_service_pb2_grpc as cpb_grpc
 from ias.v1 import event_pb2
@@ -52,16 +52,17 @@ async def event_log(address: str, token: str, *, idle_s: float = 1.5, timeout: f
     events: list[event_pb2.Event] = []
     try:
         stream = cpb_grpc.ConsoleServiceStub(channel).Watch(
-            cpb.WatchRequest(since_seq=0), metadata=bearer(token)
+            cpb.WatchRequest(since_seq=0, coalesce=True), metadata=bearer(token)
         )
         async with asyncio.timeout(timeout):
             while True:
                 try:
-                    reply = await asyncio.wait_for(stream.read(), idle_s)
+                    async with asyncio.timeout(idle_s):
+                        reply = await stream.read()
                 except TimeoutError:
                     break
                 assert reply is not grpc.aio.EOF, "Watch ended early"
-                events.append(reply.event)
+                events += events_of(reply)
         stream.cancel()
     finally:
         await channel.close()

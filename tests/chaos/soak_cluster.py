@@ -11,27 +11,20 @@ from pathlib import Path
 # Run as a script, only tests/chaos is on sys.path; processes.py needs tests/ for conftest.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import pygit2
 from chaos_support import is_serving  # also puts tests/integration on sys.path
 from processes import Server, Worker, ias, ias_env
+from processes import make_repo as _make_repo
 from tcp_proxy import TcpProxy
 
 __all__ = ["Daemon", "Replica", "is_serving", "link_repo", "make_repo"]
 
 ORIGIN = "git@github.com:acme/soak-widgets.git"
-SIG = pygit2.Signature("Soak", "soak@example.com", 1_700_000_000, 0)
 START_TRIES = 3
 
 
 def make_repo(path: Path) -> None:
-    """A small real repository with one commit on main and an `origin` remote."""
-    repo = pygit2.init_repository(str(path), initial_head="main")
-    (path / "pyproject.toml").write_text('[project]\nname = "widgets"\n')
-    (path / "app.py").write_text("print('hi')\n")
-    repo.index.add_all()
-    repo.index.write()
-    repo.create_commit("HEAD", SIG, SIG, "initial", repo.index.write_tree(), [])
-    repo.remotes.create("origin", ORIGIN)
+    """A small real repository with one commit on main, its own `origin` (so its own repo id)."""
+    _make_repo(path, origin=ORIGIN)
 
 
 def link_repo(home: Path, checkout: Path, *, address: str, token: str, name: str) -> str:
@@ -113,6 +106,7 @@ class Daemon:
     slots: int
     token: str
     proxy: TcpProxy | None = None
+    target: str = ""  # a gRPC target naming several replicas (failover), instead of its replica's
     repo_id: str = ""
     process: Worker | None = None
     killed: bool = False
@@ -120,6 +114,8 @@ class Daemon:
 
     @property
     def address(self) -> str:
+        if self.target:
+            return self.target
         return self.proxy.address if self.proxy is not None else self.replica.address
 
     def start(self) -> None:

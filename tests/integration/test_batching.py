@@ -15,7 +15,7 @@ from ias.v1 import worker_service_pb2 as wpb
 from control_plane.domain.jobs import Job, JobResult, JobStatus
 from control_plane.domain.workers import Event, EventKind
 from control_plane.errors import NotFound, StaleLease
-from control_plane.queue import Assignee, JobQueue, NewJob
+from control_plane.queue import Assignee, JobQueue, NewJob, Refill
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -32,7 +32,13 @@ async def claimed_jobs(queue: JobQueue, count: int) -> list[Job]:
     for _ in range(count):
         await queue.submit(workspace_id="default", new=NewJob(type="noop"))
     assignees = [Assignee(f"wrk_{i}", f"ses_{i}") for i in range(count)]
-    claimed = await queue.claim(workspace_id="default", types=["noop"], repo_ids=[], assignees=assignees)
+    claimed = await queue.claim(
+        workspace_id="default",
+        types=["noop"],
+        repo_ids=[],
+        slots=len(assignees),
+        pick=lambda n: assignees[:n],
+    )
     assert len(claimed) == count
     return [job for job, _ in claimed]
 
@@ -186,3 +192,48 @@ async def test_concurrent_submissions_share_a_transaction_and_keep_the_log_gap_f
         submitted = [e for e in events if e.kind is EventKind.JOB_SUBMITTED]
         assert [e.job.id for e in submitted if e.job] == [j.id for j in jobs] + [keyed[0][0].id]
         assert len({e.occurred_at for e in submitted[:20]}) == 1, "one transaction for the 20"
+
+
+async def test_an_outcome_claims_the_next_job_for_its_session_in_the_same_transaction(
+    tmp_path: Path, db_url: str
+) -> None:
+    async with running_plane(settings_for(tmp_path, db_url=db_url)) as cp:
+        queue = cp.plane.queue
+        [a] = await claimed_jobs(queue, 1)
+        b, _ = await queue.submit(workspace_id="default", new=NewJob(type="noop"))
+        other, _ = await queue.submit(workspace_id="default", new=NewJob(type="other"))
+        refill = Refill(types=("noop",), repo_ids=(), assignee=Assignee(a.worker_id, a.session_id))
+
+        def report(job: Job) -> Awaitable[tuple[Job, bool, Job | None]]:
+            return queue.record_outcome_and_refill(
+                workspace_id="default",
+                worker_id=a.worker_id,
+                job_id=job.id,
+                epoch=1,
+                status=JobStatus.DONE,
+                result=JobResult(),
+                refill=refill,
+            )
+
+        done, duplicate, following = await report(a)
+        assert (done.status, duplicate) == (JobStatus.DONE, False)
+        assert following is not None and following.id == b.id
+        assert (following.status, following.worker_id, following.lease_epoch) == (
+            JobStatus.RUNNING,
+            a.worker_id,
+            1,
+        )
+        assert (await report(a))[1:] == (True, None)  # a replay frees no slot
+        _, _, nothing = await report(following)  # only a job of a type the session does not run waits
+        assert nothing is None
+        assert (await queue.get(workspace_id="default", job_id=other.id)).status is JobStatus.PENDING
+
+        events = await queue.events_since("default", 0)
+        assert_gap_free(events)
+        finished_a = next(
+            e for e in events if e.kind is EventKind.JOB_FINISHED and e.job and e.job.id == a.id
+        )
+        assigned_b = next(
+            e for e in events if e.kind is EventKind.JOB_ASSIGNED and e.job and e.job.id == b.id
+        )
+        assert finished_a.occurred_at == assigned_b.occurred_at, "one transaction"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -109,7 +110,8 @@ async def test_lease_expiry_requeues_with_the_next_attempt(tmp_path: Path) -> No
             workspace_id="default",
             types=["noop"],
             repo_ids=[],
-            assignees=[Assignee("wrk_ghost", "ses_ghost")],
+            slots=1,
+            pick=lambda n: [Assignee("wrk_ghost", "ses_ghost")][:n],
         )
         assert (claimed.id, claimed.lease_epoch) == (job.id, 1)
         await eventually(lambda: _attempt(jobs, job.id, 2), timeout=10, what="requeue after lease expiry")
@@ -125,6 +127,90 @@ async def test_lease_expiry_requeues_with_the_next_attempt(tmp_path: Path) -> No
 
 async def _attempt(jobs: JobsClient, job_id: str, attempt: int) -> bool:
     return bool((await jobs.get(job_id)).attempt == attempt)
+
+
+async def test_a_lease_the_worker_stops_mentioning_is_requeued_not_renewed(tmp_path: Path) -> None:
+    async with running_plane(settings_for(tmp_path, reconnect_grace=timedelta(seconds=1))) as cp:
+        jobs = JobsClient(cp.address, cp.admin)
+        w = RawWorker(cp.address, cp.worker)
+        await w.hello("w1", slots=3)
+        kept, forgotten, reported = [await jobs.submit("noop") for _ in range(3)]
+        assert {(await w.read("assignment")).assignment.job.id for _ in range(3)} == {
+            kept.id,
+            forgotten.id,
+            reported.id,
+        }
+        # One job runs, one awaits the acknowledgement of its outcome, one the worker does not have.
+        beat = wpb.Heartbeat(
+            held_jobs=[wpb.HeldJob(job_id=kept.id, lease_epoch=1)],
+            reporting=[wpb.HeldJob(job_id=reported.id, lease_epoch=1)],
+        )
+        stop = asyncio.Event()
+
+        async def beats() -> None:
+            # Not cancelled mid-write (that would end the call): told to stop instead.
+            for _ in range(50):  # every 0.1 s for at most 5 s (the grace is 1 s)
+                if stop.is_set():
+                    return
+                await w.send(heartbeat=beat)
+                await asyncio.sleep(0.1)
+
+        beating = asyncio.create_task(beats())
+        revoked = (await w.read("lease_revoked", timeout=5)).lease_revoked
+        stop.set()
+        await beating
+        assert (revoked.job_id, revoked.lease_epoch, revoked.reason) == (forgotten.id, 1, "not_running")
+        again = (await w.read("assignment")).assignment
+        assert (again.job.id, again.job.attempt, again.lease_epoch) == (forgotten.id, 2, 2)
+        events = await cp.plane.queue.events_since("default", 0)
+        assert [(e.job.id, e.reason) for e in events if e.kind.value == "job_requeued"] == [
+            (forgotten.id, "not_running")
+        ]
+        # The leases the worker mentioned still stand.
+        for job_id in (kept.id, reported.id):
+            await w.send(outcome=wpb.Outcome(job_id=job_id, lease_epoch=1, status=job_pb2.JOB_STATUS_DONE))
+            ack = (await w.read("outcome_ack")).outcome_ack
+            assert (ack.job_id, ack.duplicate) == (job_id, False)
+        await w.close()
+        await jobs.close()
+
+
+async def test_a_job_assigned_while_leases_are_renewed_keeps_its_lease(tmp_path: Path) -> None:
+    # A long TTL renews once a minute: this test runs the renewals itself.
+    settings = settings_for(tmp_path, lease_ttl=timedelta(minutes=4))
+    async with running_plane(settings) as cp:
+        jobs = JobsClient(cp.address, cp.admin)
+        w = RawWorker(cp.address, cp.worker)
+        await w.hello("w1", slots=2)
+        first = await jobs.submit("noop")
+        await w.read("assignment")
+        renew = cp.plane.queue.renew
+        second: list[str] = []
+
+        async def renew_while_a_job_is_assigned(*, held: list[tuple[str, str]]) -> object:
+            answer = await renew(held=held)
+            # The dispatcher delivers a job between the renewal's write and its bookkeeping.
+            second.append((await jobs.submit("noop")).id)
+            await eventually(lambda: _held(cp, second[0]), timeout=10, what="second job held")
+            return answer
+
+        cp.plane.queue.renew = renew_while_a_job_is_assigned  # type: ignore[method-assign]
+        await cp.plane.maintenance.renew_once()
+        cp.plane.queue.renew = renew  # type: ignore[method-assign]
+        assert (await w.read("assignment")).assignment.job.id == second[0]
+        await cp.plane.maintenance.renew_once()
+        # Both leases stand: nothing was revoked, both outcomes are recorded.
+        for job_id in (first.id, second[0]):
+            await w.send(outcome=wpb.Outcome(job_id=job_id, lease_epoch=1, status=job_pb2.JOB_STATUS_DONE))
+            frame = await w.read()
+            assert frame.WhichOneof("frame") == "outcome_ack", frame
+        assert {(await jobs.get(j)).status for j in (first.id, second[0])} == {job_pb2.JOB_STATUS_DONE}
+        await w.close()
+        await jobs.close()
+
+
+async def _held(cp: Any, job_id: str) -> bool:
+    return any(job_id in s.held for s in cp.plane.sessions)
 
 
 async def test_a_broken_stream_requeues_after_the_reconnect_grace(tmp_path: Path) -> None:

@@ -105,9 +105,9 @@ async def test_frames_about_unknown_or_foreign_jobs_are_rejected_per_frame(tmp_p
             await w.send(**frame)
             rejected = (await w.read("rejected")).rejected
             assert rejected.code == code.value[0], (frame, rejected)
-        # The session is still healthy: a heartbeat is answered.
-        await w.send(heartbeat=wpb.Heartbeat())
-        await w.read("heartbeat_ack")
+        # The session is still healthy: a heartbeat naming a job it does not hold is answered.
+        await w.send(heartbeat=wpb.Heartbeat(held_jobs=[wpb.HeldJob(job_id="job_unknown", lease_epoch=1)]))
+        assert (await w.read("lease_revoked")).lease_revoked.reason == "not_held"
         after = await dump(cp.plane)
         assert after == before
         await w.close()

@@ -292,21 +292,30 @@ class Heartbeat(_message.Message):
 
     HELD_JOBS_FIELD_NUMBER: _builtins.int
     FREE_SLOTS_FIELD_NUMBER: _builtins.int
+    REPORTING_FIELD_NUMBER: _builtins.int
     free_slots: _builtins.int
     """Free slots right now."""
     @_builtins.property
     def held_jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___HeldJob]:
         """Jobs the worker is executing now."""
 
+    @_builtins.property
+    def reporting(self) -> _containers.RepeatedCompositeFieldContainer[Global___HeldJob]:
+        """Jobs the worker no longer executes whose report (outcome or release) awaits acknowledgement.
+        A lease held longer than the reconnect grace that is in neither list is released: the worker
+        does not have the job, and renewing its lease would keep it running forever.
+        """
+
     def __init__(
         self,
         *,
         held_jobs: _abc.Iterable[Global___HeldJob] | None = ...,
         free_slots: _builtins.int = ...,
+        reporting: _abc.Iterable[Global___HeldJob] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["free_slots", b"free_slots", "held_jobs", b"held_jobs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["free_slots", b"free_slots", "held_jobs", b"held_jobs", "reporting", b"reporting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -346,7 +355,9 @@ Global___LeaseStanding: _TypeAlias = LeaseStanding  # noqa: Y015
 
 @_typing.final
 class HeartbeatAck(_message.Message):
-    """HeartbeatAck answers a heartbeat."""
+    """HeartbeatAck answers a heartbeat of a session that holds leases. A session holding none is not
+    answered: any frame the worker later receives (an assignment first of all) proves the session.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 

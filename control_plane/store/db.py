@@ -24,6 +24,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from control_plane.errors import InvalidArgument, Unavailable
+from control_plane.store import sqlite_inline
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +36,13 @@ def normalise_url(url: str) -> str:
     if backend == "postgresql":
         return parsed.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
     if backend == "sqlite":
-        return parsed.set(drivername="sqlite+aiosqlite").render_as_string(hide_password=False)
+        return parsed.set(drivername=f"sqlite+{sqlite_inline.DRIVER}").render_as_string(hide_password=False)
     raise InvalidArgument("db", f"unsupported database {backend!r}; use sqlite:/// or postgresql://")
 
 
 def sqlite_url(data_dir: Path) -> str:
     """The default database: ``ias.db`` in the data directory."""
-    return f"sqlite+aiosqlite:///{data_dir / 'ias.db'}"
+    return f"sqlite+{sqlite_inline.DRIVER}:///{data_dir / 'ias.db'}"
 
 
 class Database:

@@ -10,6 +10,7 @@ import pytest
 from harness import JobsClient, Watcher, running_plane, settings_for
 
 from control_plane.events import hub as hub_module
+from control_plane.queue import NewJob
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -92,7 +93,10 @@ async def test_a_watcher_cut_off_for_falling_behind_resyncs_from_the_log(
         assert [e.seq for e in await watcher.read(1)] == [1]
         before = reads_of_the_log
         for _ in range(3):
-            await _submit(jobs, 40)
+            # Queued in one turn of the loop, so that they share one transaction.
+            await asyncio.gather(
+                *(cp.plane.queue.submit(workspace_id="default", new=NewJob(type="noop")) for _ in range(40))
+            )
         assert [e.seq for e in await watcher.read(120)] == list(range(2, 122))
         assert reads_of_the_log > before, "a transaction of several events should have cut it off"
         watcher.close()

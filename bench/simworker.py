@@ -190,9 +190,7 @@ class SimWorker:
     def _on_assignment(self, assignment: wpb.Assignment, received: float) -> None:
         job, epoch = assignment.job, assignment.lease_epoch
         self._tally.assigned(job, received)
-        self._outbox.put_nowait(
-            wpb.ConnectRequest(accept=wpb.Accept(job_id=job.id, lease_epoch=epoch, accepted=True))
-        )
+        # Like the daemon: a job taken is not confirmed; its outcome follows.
         outcome = wpb.Outcome(
             job_id=job.id,
             lease_epoch=epoch,

@@ -401,11 +401,10 @@ class WorkerDaemon:
             reason = "worker is stopping"
         elif len(self._jobs) >= self._settings.slots:
             reason = "no free slot"
-        accept = wpb.Accept(
-            job_id=job.id, lease_epoch=assignment.lease_epoch, accepted=not reason, reason=reason
-        )
-        self._send(wpb.ConnectRequest(accept=accept))
         if reason or handler is None:
+            # Only a refusal is sent: a job taken is proven by its heartbeats and its outcome.
+            decline = wpb.Accept(job_id=job.id, lease_epoch=assignment.lease_epoch, reason=reason)
+            self._send(wpb.ConnectRequest(accept=decline))
             return
         try:
             payload = json.loads(job.payload_json or "{}")

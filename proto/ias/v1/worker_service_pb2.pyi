@@ -415,7 +415,10 @@ Global___Assignment: _TypeAlias = Assignment  # noqa: Y015
 
 @_typing.final
 class Accept(_message.Message):
-    """Accept confirms or declines an assignment."""
+    """Accept declines an assignment (accepted = false), which sends the job back to the queue at once.
+    A worker need not confirm an assignment it takes (one frame fewer per job): the job's outcome,
+    or the heartbeats that name it, prove it; a confirmation (accepted = true) is accepted and ignored.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Final
 
 from ias.v1 import job_pb2
@@ -112,10 +113,24 @@ async def _kill_holder(server: RunningServer) -> float:
             ):
                 killed = time.time()
                 os.kill(victim.pid, signal.SIGKILL)
-                await settle(tally, [job_id], what="kill -9 rescue")
+                # The job comes back after the reconnect grace (15 s); a loaded machine may take longer.
+                if await tally.wait_acked([job_id], RESCUE_TIMEOUT_S):
+                    raise ScenarioFailed(
+                        f"kill -9 rescue: job {job_id} not done elsewhere after {RESCUE_TIMEOUT_S:.0f} s; "
+                        f"the control plane logged:\n{_log_about(server.log_path, job_id, 'victim')}"
+                    )
                 return tally.received_at[job_id] - killed
     finally:
         await channel.close(grace=None)
+
+
+def _log_about(path: Path, *needles: str) -> str:
+    """The server log's lines that mention any of ``needles`` (the last 20)."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError as exc:
+        return f"(no log: {exc})"
+    return "\n".join([line for line in lines if any(n in line for n in needles)][-20:])
 
 
 async def _wait_running(stub: jpb_grpc.JobServiceAsyncStub, token: str, job_id: str) -> None:

@@ -1,7 +1,8 @@
 """Simulated ``noop`` workers that speak the real Connect protocol over real gRPC.
 
-Each worker has its own channel (its own TCP connection), says hello, heartbeats at the interval
-from the welcome, and answers every assignment with an Accept and an immediate DONE outcome.
+Each worker has its own channel (its own TCP connection), says hello, answers every assignment
+with an immediate DONE outcome and, like the daemon, heartbeats at the welcome's interval only
+while it has something to vouch for (here: outcomes not yet acknowledged).
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ class SimWorker:
         self._drained = False  # the last session ended with a drain for a server restart
         self._stopping = False
         self._outbox: asyncio.Queue[wpb.ConnectRequest | None] = asyncio.Queue()
+        self._reporting: dict[str, int] = {}  # job id → epoch of outcomes awaiting their ack
         self._channel: grpc.aio.Channel | None = None
         self._sessions: asyncio.Task[None] | None = None
 
@@ -119,6 +121,7 @@ class SimWorker:
         if self._channel is not None:
             await self._channel.close(grace=None)
         self._outbox = asyncio.Queue()  # frames of an ended session are not replayed
+        self._reporting = {}
         self._channel = open_channel(self._target)
         call: Call = wpb_grpc.WorkerServiceStub(self._channel).Connect(metadata=bearer(self._token))
         hello = wpb.Hello(worker_name=self.name, capabilities=["noop"], slots=1, version="bench")
@@ -175,6 +178,7 @@ class SimWorker:
         if kind == "assignment":
             self._on_assignment(frame.assignment, received)
         elif kind == "outcome_ack":
+            self._reporting.pop(frame.outcome_ack.job_id, None)
             self._tally.acked(frame.outcome_ack)
         elif kind == "rejected":
             rejected = frame.rejected
@@ -197,6 +201,7 @@ class SimWorker:
             status=job_pb2.JOB_STATUS_DONE,
             result=job_pb2.JobResult(summary="bench noop"),
         )
+        self._reporting[job.id] = epoch
         self._outbox.put_nowait(wpb.ConnectRequest(outcome=outcome))
 
     async def _write_loop(self, call: Call) -> None:
@@ -212,10 +217,12 @@ class SimWorker:
         outbox = self._outbox
         for _ in range(MAX_BEATS):
             await asyncio.sleep(interval * random.uniform(0.9, 1.1))
-            # Like the real daemon, a heartbeat lists running jobs only. Ours finish the moment they
-            # are assigned, so there are none: listing a job whose outcome is already sent would be
-            # answered with lease_revoked(not_held).
-            outbox.put_nowait(wpb.ConnectRequest(heartbeat=wpb.Heartbeat(free_slots=1)))
+            # Like the daemon: an idle worker sends nothing (the transport's keepalive keeps the
+            # session). Ours finish a job the moment it is assigned, so the only jobs to name are
+            # those whose outcome awaits its acknowledgement.
+            if self._reporting:
+                reporting = [wpb.HeldJob(job_id=j, lease_epoch=e) for j, e in self._reporting.items()]
+                outbox.put_nowait(wpb.ConnectRequest(heartbeat=wpb.Heartbeat(reporting=reporting)))
 
 
 @contextlib.asynccontextmanager

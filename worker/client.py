@@ -11,6 +11,9 @@ import grpc
 CHANNEL_OPTIONS: Final = [
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
+    # What gRPC really waits for a ping's answer (its default is a minute): an idle worker sends no
+    # frames, so these pings are how it finds a control plane that went away silently.
+    ("grpc.http2.ping_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.max_receive_message_length", 4 * 1024 * 1024),

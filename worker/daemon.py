@@ -301,6 +301,10 @@ class WorkerDaemon:
                 for f in self._unacked.values()
                 if _frame_job(f) not in self._jobs
             ]
+            if not held and not reporting:
+                # Nothing to vouch for: the transport's keepalive pings keep an idle session (and
+                # find a dead peer) without a frame for either side's event loop to handle.
+                continue
             beat = wpb.Heartbeat(held_jobs=held, free_slots=self._free(), reporting=reporting)
             self._send(wpb.ConnectRequest(heartbeat=beat))
 

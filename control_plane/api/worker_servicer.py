@@ -245,6 +245,8 @@ class WorkerServicer(wpb_grpc.WorkerServiceServicer):
             session.send(_rejected(kind or "", job_id, grpc.StatusCode.INTERNAL, "internal error"))
 
     def _on_heartbeat(self, session: Session, beat: wpb.Heartbeat) -> None:
+        if not session.held and not beat.held_jobs:
+            return  # nothing held on either side: nothing to check, nothing to answer
         confirmed = {h.job_id: h.lease_epoch for h in beat.reporting}
         confirmed.update((h.job_id, h.lease_epoch) for h in beat.held_jobs)
         grace = self._settings.reconnect_grace.total_seconds()

@@ -111,13 +111,15 @@ class Maintenance:
             await self._queue.record_progress(updates=updates)
 
     async def liveness_loop(self) -> None:
-        """Close sessions silent for three heartbeat intervals: a black-holed connection."""
+        """Close sessions that hold leases and were silent for three heartbeat intervals (a
+        black-holed connection). Idle sessions send no heartbeats: the transport's keepalive pings
+        (every heartbeat interval, see `app._server_options`) end those whose peer is gone."""
         interval = self._settings.heartbeat_interval.total_seconds()
         while True:
             await asyncio.sleep(interval)
             deadline = time.monotonic() - 3 * interval
             for session in self._sessions:
-                if session.last_heard < deadline and not session.closed:
+                if session.held and session.last_heard < deadline and not session.closed:
                     log.warning("worker %s stopped heartbeating; closing its session", session.worker_name)
                     session.close()
 

@@ -81,6 +81,9 @@ class Session:
                 self.outbox.put_nowait(None)
 
     def hold(self, job_id: str, epoch: int, expires: datetime) -> None:
+        if not self.held:
+            # An idle worker sends no heartbeats: its silence counts from its first lease.
+            self.last_heard = time.monotonic()
         self.held[job_id] = epoch
         self.lease_expires[job_id] = expires
         self.held_since[job_id] = time.monotonic()

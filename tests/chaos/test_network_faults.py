@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -167,3 +168,42 @@ async def test_lease_standings_are_durations_on_the_server_s_clock(tmp_path: Pat
         finally:
             await raw.close()
             await jobs.close()
+
+
+async def test_an_idle_worker_sends_no_heartbeats_and_keeps_its_session(tmp_path: Path) -> None:
+    async with running_plane(_settings(tmp_path, grace_s=1.5)) as cp:
+        jobs = JobsClient(cp.address, cp.admin)
+        try:
+            async with running_daemon(cp.address, cp.worker, name="idle") as idle:
+                await eventually(lambda: idle.session_id != "", timeout=10, what="connected")
+                [session] = list(cp.plane.sessions)
+                heard = session.last_heard
+                # Six heartbeat intervals (0.5 s each): an idle worker says nothing, and is not
+                # taken for silent, since it holds nothing.
+                await asyncio.sleep(3.0)
+                assert session.last_heard == heard and not session.closed
+                job = await jobs.submit("noop", '{"seconds": 2}')
+                await eventually(lambda: _status_is(jobs, job.id, DONE), timeout=15, what="job done")
+                assert session.last_heard > heard, "a worker running a job heartbeats"
+                assert idle.session_id == session.id and (await jobs.get(job.id)).attempt == 1
+        finally:
+            await jobs.close()
+
+
+async def test_a_black_holed_idle_worker_is_taken_offline_by_keepalive(tmp_path: Path) -> None:
+    # Grace 1.5 s: heartbeat interval 0.5 s, so the server pings every 1 s (its floor) and gives
+    # up after 1 s more without an answer.
+    async with running_plane(_settings(tmp_path, grace_s=1.5)) as cp:
+        proxy = await TcpProxy(cp.address).start()
+        jobs = JobsClient(cp.address, cp.admin)
+        try:
+            async with running_daemon(proxy.address, cp.worker, name="idle"):
+                await eventually(lambda: len(list(cp.plane.sessions)) == 1, timeout=10, what="connected")
+                proxy.blackhole()
+                cut = time.monotonic()
+                await eventually(lambda: not list(cp.plane.sessions), timeout=15, what="session ended")
+                assert time.monotonic() - cut < 10
+                proxy.heal()
+        finally:
+            await jobs.close()
+            await proxy.close()

@@ -286,7 +286,10 @@ Global___Welcome: _TypeAlias = Welcome  # noqa: Y015
 
 @_typing.final
 class Heartbeat(_message.Message):
-    """Heartbeat proves liveness; one frame renews every lease of the session."""
+    """Heartbeat proves liveness; one frame renews every lease of the session. A worker sends one every
+    heartbeat interval while it runs jobs or has reports awaiting acknowledgement; an idle worker
+    sends none (HTTP/2 keepalive pings, every heartbeat interval, keep its session).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -252,11 +252,14 @@ def _server_options(settings: ServerSettings) -> list[tuple[str, int]]:
 
 
 def _bind(server: grpc.aio.Server, settings: ServerSettings) -> int:
-    if settings.tls_cert is not None and settings.tls_key is not None:
-        creds = grpc.ssl_server_credentials([(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())])
-        port = server.add_secure_port(settings.listen, creds)
-    else:
-        port = server.add_insecure_port(settings.listen)
+    try:
+        if settings.tls_cert is not None and settings.tls_key is not None:
+            key, cert = settings.tls_key.read_bytes(), settings.tls_cert.read_bytes()
+            port = server.add_secure_port(settings.listen, grpc.ssl_server_credentials([(key, cert)]))
+        else:
+            port = server.add_insecure_port(settings.listen)
+    except RuntimeError:  # gRPC's way of saying the bind failed
+        port = 0
     if port == 0:
-        raise OSError(f"could not listen on {settings.listen}")
+        raise OSError(f"could not listen on {settings.listen}: the address is in use or not this machine's")
     return port

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -137,6 +138,21 @@ def test_cli_errors_are_one_line_with_no_traceback(tmp_path: Path) -> None:
         assert expected in out.stderr, (args, out.stderr)
         assert "Traceback" not in out.stderr
         assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_a_taken_port_is_a_clear_error_not_a_traceback(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for args in (
+            ["server", "start", "--data-dir", str(tmp_path / "s"), "--listen", f"127.0.0.1:{port}"],
+            ["dev", "--data-dir", str(tmp_path / "d"), "--grpc-port", str(port)],
+        ):
+            out = ias(*args, env=ias_env(), timeout=60)
+            assert out.returncode == 2, (args, out.stderr)
+            assert f"could not listen on 127.0.0.1:{port}" in out.stderr, out.stderr
+            assert "Traceback" not in out.stderr, out.stderr
 
 
 def test_dev_starts_everything_and_runs_a_job(tmp_path: Path) -> None:

@@ -51,10 +51,11 @@ SERVICES = (
 )
 
 
-async def open_database(settings: ServerSettings) -> Database:
-    """Open and migrate the database, and make sure the default workspace exists."""
+async def open_database(settings: ServerSettings, *, serving: bool = False) -> Database:
+    """Open and migrate the database, and make sure the default workspace exists. A ``serving``
+    process checkpoints SQLite's WAL in the background (`ControlPlane.start` runs the loop)."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    db = Database(url=settings.database_url)
+    db = Database(url=settings.database_url, background_checkpoints=serving)
     try:
         await db.migrate()
     except BaseException:
@@ -121,6 +122,8 @@ class ControlPlane:
         }
         if self.listener is not None:
             loops["listener"] = self.listener.run()
+        if self.db.is_sqlite:
+            loops["checkpoint"] = self.db.checkpoint_loop()
         self._tasks = [asyncio.create_task(coro, name=name) for name, coro in loops.items()]
         for service in ("", *SERVICES):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -150,7 +153,7 @@ class ControlPlane:
 async def build(settings: ServerSettings) -> ControlPlane:
     """Build a replica from settings: the same factory for production, ``ias dev`` and tests."""
     settings.validate()
-    db = await open_database(settings)
+    db = await open_database(settings, serving=True)
     authority = await token_authority(db)
     sessions = SessionRegistry()
     # The hub reads the log through the queue and the queue wakes the dispatcher: closures resolve

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from functools import partial
 from importlib import resources
 from pathlib import Path
 from typing import Any, Final
@@ -27,6 +30,8 @@ from control_plane.errors import InvalidArgument, Unavailable
 from control_plane.store import sqlite_inline
 
 log = logging.getLogger(__name__)
+
+CHECKPOINT_EVERY_S: Final = 1.0
 
 
 def normalise_url(url: str) -> str:
@@ -48,9 +53,12 @@ def sqlite_url(data_dir: Path) -> str:
 class Database:
     """An async engine plus the transaction discipline of its dialect."""
 
-    def __init__(self, *, url: str, pool_size: int = 10) -> None:
+    def __init__(self, *, url: str, pool_size: int = 10, background_checkpoints: bool = False) -> None:
         self.url = normalise_url(url)
         self.is_sqlite = self.url.startswith("sqlite")
+        # SQLite statements run on the event loop (see store.sqlite_inline); a WAL checkpoint,
+        # which copies pages and fsyncs, must not: the server runs `checkpoint_loop` instead.
+        self._background_checkpoints = background_checkpoints and self.is_sqlite
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
         self.engine: AsyncEngine = (
             self._sqlite_engine() if self.is_sqlite else self._postgres_engine(pool_size)
@@ -68,6 +76,8 @@ class Database:
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute("PRAGMA busy_timeout=30000")
             cursor.execute("PRAGMA foreign_keys=ON")
+            if self._background_checkpoints:
+                cursor.execute("PRAGMA wal_autocheckpoint=0")
             cursor.close()
 
         @event.listens_for(engine.sync_engine, "begin")
@@ -120,6 +130,28 @@ class Database:
                 # Replicas starting together must not both create the schema.
                 await conn.execute(text("SELECT pg_advisory_xact_lock(7431001)"))
             await conn.run_sync(_upgrade)
+
+    async def checkpoint_loop(self, every_s: float = CHECKPOINT_EVERY_S) -> None:
+        """SQLite: copy the WAL into the database file every ``every_s`` on a thread, so that its
+        writes and fsync never stall the event loop. PASSIVE: it never waits for, nor blocks, a
+        reader or the writer."""
+        path = make_url(self.url).database
+        if not self._background_checkpoints or not path:
+            return
+        # One thread of its own: the connection is used by one call at a time, closed last.
+        thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ias-checkpoint")
+        loop = asyncio.get_running_loop()
+        conn = await loop.run_in_executor(thread, partial(sqlite3.connect, path, check_same_thread=False))
+        try:
+            while True:
+                await asyncio.sleep(every_s)
+                try:
+                    await loop.run_in_executor(thread, conn.execute, "PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error as exc:
+                    log.warning("WAL checkpoint failed, will retry: %s", exc)
+        finally:
+            thread.submit(conn.close)
+            thread.shutdown(wait=False)
 
     async def close(self) -> None:
         await self.engine.dispose()

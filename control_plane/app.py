@@ -238,15 +238,17 @@ def _listener(plane: ControlPlane) -> PgListener:
 
 
 def _server_options(settings: ServerSettings) -> list[tuple[str, int]]:
+    interval_ms = settings.heartbeat_interval.total_seconds() * 1000
+    ping_every_ms, ping_timeout_ms = max(int(interval_ms), 1000), max(int(2 * interval_ms), 1000)
     return [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         # Detect dead peers while no frame flows (an idle worker sends none): a ping every
         # heartbeat interval, answered within two, in gRPC's own threads.
-        ("grpc.keepalive_time_ms", max(int(settings.heartbeat_interval.total_seconds() * 1000), 1000)),
-        ("grpc.keepalive_timeout_ms", max(int(settings.heartbeat_interval.total_seconds() * 2000), 1000)),
+        ("grpc.keepalive_time_ms", ping_every_ms),
+        ("grpc.keepalive_timeout_ms", ping_timeout_ms),
         # Since gRPC 1.5x an unanswered ping is given up on after this (default: a minute).
-        ("grpc.http2.ping_timeout_ms", max(int(settings.heartbeat_interval.total_seconds() * 2000), 1000)),
+        ("grpc.http2.ping_timeout_ms", ping_timeout_ms),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
         ("grpc.http2.max_pings_without_data", 0),

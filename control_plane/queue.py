@@ -194,6 +194,14 @@ class JobQueue:
         for workspace_id in tx.available:
             self._on_available(workspace_id)
 
+    def _assign(self, tx: _Tx, job: Job, who: Assignee) -> Job:
+        """``job`` leased to ``who`` as of this transaction, with its event (the caller saves it)."""
+        running = jobs_domain.assign(
+            job, worker_id=who.worker_id, session_id=who.session_id, now=tx.now, ttl=self._settings.lease_ttl
+        )
+        tx.add(job.workspace_id, Draft(EventKind.JOB_ASSIGNED, job=running))
+        return running
+
     async def _notify(self, tx: _Tx, channel: str, payload: str) -> None:
         if not self._db.is_sqlite:
             await tx.conn.execute(text("SELECT pg_notify(:c, :p)"), {"c": channel, "p": payload})
@@ -247,7 +255,7 @@ class JobQueue:
         A job an idle session can take at once is stored already assigned to it and sent after the
         commit (see `DirectDispatch`); the rest wait for the dispatcher.
         """
-        direct, ttl = self.direct, self._settings.lease_ttl
+        direct = self.direct
         stored: list[Job] = []
         assigned: list[Job] = []
         try:
@@ -259,10 +267,7 @@ class JobQueue:
                         stored.append(job)
                         tx.available.add(job.workspace_id)
                         continue
-                    running = jobs_domain.assign(
-                        job, worker_id=who.worker_id, session_id=who.session_id, now=tx.now, ttl=ttl
-                    )
-                    tx.add(job.workspace_id, Draft(EventKind.JOB_ASSIGNED, job=running))
+                    running = self._assign(tx, job, who)
                     stored.append(running)
                     assigned.append(running)
                 await jobs_store.insert_jobs(tx.conn, jobs=stored)
@@ -323,19 +328,14 @@ class JobQueue:
     ) -> list[tuple[Job, Assignee]]:
         """Atomically take up to ``slots`` pending jobs in priority order; ``pick(n)`` names the
         sessions for the ``n`` found (so an empty queue costs nothing per free session)."""
-        ttl = self._settings.lease_ttl
         async with self._write() as tx:
             pending = await jobs_store.claimable(
                 tx.conn, workspace_id=workspace_id, types=types, repo_ids=repo_ids, limit=slots
             )
-            claimed = []
             assignees = pick(len(pending)) if pending else []
-            for job, who in zip(pending, assignees, strict=False):
-                running = jobs_domain.assign(
-                    job, worker_id=who.worker_id, session_id=who.session_id, now=tx.now, ttl=ttl
-                )
-                tx.add(workspace_id, Draft(EventKind.JOB_ASSIGNED, job=running))
-                claimed.append((running, who))
+            claimed = [
+                (self._assign(tx, job, who), who) for job, who in zip(pending, assignees, strict=False)
+            ]
             # The rows are locked by `claimable` (or by SQLite's write lock): one executemany.
             saves = [
                 (new, old.status, old.lease_epoch) for old, (new, _) in zip(pending, claimed, strict=False)
@@ -352,35 +352,14 @@ class JobQueue:
         epoch: int,
         status: JobStatus,
         result: JobResult,
-    ) -> tuple[Job, bool]:
-        """Apply a worker's outcome, fenced by ``epoch``; a replay returns ``duplicate=True``.
+        refill: Refill | None = None,
+    ) -> tuple[Job, bool, Job | None]:
+        """Apply a worker's outcome, fenced by ``epoch``; a replay returns ``duplicate=True``. With
+        ``refill``, the next pending job for the reporting session, if any, is assigned in the same
+        transaction (only when the outcome freed its slot) and returned third.
 
         Outcomes arriving together (from many worker streams) are recorded in one transaction.
         """
-        job, duplicate, _ = await self.record_outcome_and_refill(
-            workspace_id=workspace_id,
-            worker_id=worker_id,
-            job_id=job_id,
-            epoch=epoch,
-            status=status,
-            result=result,
-            refill=None,
-        )
-        return job, duplicate
-
-    async def record_outcome_and_refill(
-        self,
-        *,
-        workspace_id: str,
-        worker_id: str,
-        job_id: str,
-        epoch: int,
-        status: JobStatus,
-        result: JobResult,
-        refill: Refill | None,
-    ) -> tuple[Job, bool, Job | None]:
-        """`record_outcome`, and with ``refill`` the next pending job for the reporting session, if
-        any, assigned in the same transaction (only when the outcome freed its slot)."""
         return await self._outcomes(
             _Outcome(
                 workspace_id=workspace_id,
@@ -426,15 +405,7 @@ class JobQueue:
                     refill = outcomes[index].refill
                     answer = answers[index]
                     assert refill is not None and isinstance(answer, tuple)
-                    who = refill.assignee
-                    running = jobs_domain.assign(
-                        job,
-                        worker_id=who.worker_id,
-                        session_id=who.session_id,
-                        now=tx.now,
-                        ttl=self._settings.lease_ttl,
-                    )
-                    tx.add(workspace_id, Draft(EventKind.JOB_ASSIGNED, job=running))
+                    running = self._assign(tx, job, refill.assignee)
                     writes[job.id] = (running, job.status, job.lease_epoch)
                     answers[index] = (answer[0], answer[1], running)
             await jobs_store.save_many(tx.conn, jobs=list(writes.values()))

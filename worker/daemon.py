@@ -236,13 +236,20 @@ class WorkerDaemon:
         finally:
             await channel.close(grace=None)
 
-    def _hello(self) -> wpb.ConnectRequest:
-        held = [wpb.HeldJob(job_id=j.job.id, lease_epoch=j.epoch) for j in self._jobs.values()]
-        held += [
+    def _running(self) -> list[wpb.HeldJob]:
+        """The jobs being executed now."""
+        return [wpb.HeldJob(job_id=j.job.id, lease_epoch=j.epoch) for j in self._jobs.values()]
+
+    def _reporting(self) -> list[wpb.HeldJob]:
+        """The jobs no longer executed whose report (outcome or release) awaits acknowledgement."""
+        return [
             wpb.HeldJob(job_id=_frame_job(f), lease_epoch=_frame_epoch(f))
             for f in self._unacked.values()
             if _frame_job(f) not in self._jobs
         ]
+
+    def _hello(self) -> wpb.ConnectRequest:
+        held = self._running() + self._reporting()
         return wpb.ConnectRequest(
             hello=wpb.Hello(
                 worker_name=self._settings.name,
@@ -295,12 +302,7 @@ class WorkerDaemon:
         while True:
             base = self._heartbeat_interval.total_seconds()
             await asyncio.sleep(base * random.uniform(0.9, 1.1))  # jitter: a restarted fleet drifts apart
-            held = [wpb.HeldJob(job_id=j.job.id, lease_epoch=j.epoch) for j in self._jobs.values()]
-            reporting = [
-                wpb.HeldJob(job_id=_frame_job(f), lease_epoch=_frame_epoch(f))
-                for f in self._unacked.values()
-                if _frame_job(f) not in self._jobs
-            ]
+            held, reporting = self._running(), self._reporting()
             if not held and not reporting:
                 # Nothing to vouch for: the transport's keepalive pings keep an idle session (and
                 # find a dead peer) without a frame for either side's event loop to handle.

@@ -193,9 +193,7 @@ class WorkerServicer(wpb_grpc.WorkerServiceServicer):
             if len(session.tasks) >= _max_in_flight(session):
                 # A worker sends at most a report or two per slot; past that, stop reading.
                 await asyncio.wait(set(session.tasks), return_when=asyncio.FIRST_COMPLETED)
-            task = asyncio.create_task(self._handle(session, frame), name=f"{kind} {session.id}")
-            session.tasks.add(task)
-            task.add_done_callback(session.tasks.discard)
+            session.spawn(self._handle(session, frame), name=f"{kind} {session.id}")
 
     async def _handle(self, session: Session, frame: wpb.ConnectRequest) -> None:
         kind = frame.WhichOneof("frame")
@@ -260,9 +258,7 @@ class WorkerServicer(wpb_grpc.WorkerServiceServicer):
                 extra={"job_id": job_id, "lease_epoch": epoch},
             )
             revoke(session, job_id, epoch, "not_running")
-            task = asyncio.create_task(self._requeue_lost(session, job_id, epoch), name=f"requeue {job_id}")
-            session.tasks.add(task)
-            task.add_done_callback(session.tasks.discard)
+            session.spawn(self._requeue_lost(session, job_id, epoch), name=f"requeue {job_id}")
         for held in beat.held_jobs:
             if session.held.get(held.job_id) != held.lease_epoch:
                 # The worker runs something this session does not hold: stop it.
@@ -333,7 +329,7 @@ class WorkerServicer(wpb_grpc.WorkerServiceServicer):
         started = self._dispatcher.generation
         refill = self._dispatcher.refill_for(session, outcome.job_id, outcome.lease_epoch)
         try:
-            job, duplicate, following = await self._queue.record_outcome_and_refill(
+            job, duplicate, following = await self._queue.record_outcome(
                 workspace_id=session.workspace_id,
                 worker_id=session.worker_id,
                 job_id=outcome.job_id,

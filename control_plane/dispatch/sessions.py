@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from ias.v1 import worker_service_pb2 as wpb
 
@@ -79,6 +80,12 @@ class Session:
                 # Make room for the close marker: the frames left would never be read anyway.
                 self.outbox.get_nowait()
                 self.outbox.put_nowait(None)
+
+    def spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        """Run ``work`` (recording a frame) as a task the session's end waits for."""
+        task = asyncio.create_task(work, name=name)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     def hold(self, job_id: str, epoch: int, expires: datetime) -> None:
         if not self.held:

@@ -85,7 +85,7 @@ async def test_a_stale_outcome_in_a_batch_is_rejected_without_touching_the_other
 
         def outcome(
             job: Job, *, epoch: int = 1, worker_id: str = "", summary: str = "ok"
-        ) -> Awaitable[tuple[Job, bool]]:
+        ) -> Awaitable[tuple[Job, bool, Job | None]]:
             return queue.record_outcome(
                 workspace_id="default",
                 worker_id=worker_id or job.worker_id,
@@ -205,7 +205,7 @@ async def test_an_outcome_claims_the_next_job_for_its_session_in_the_same_transa
         refill = Refill(types=("noop",), repo_ids=(), assignee=Assignee(a.worker_id, a.session_id))
 
         def report(job: Job) -> Awaitable[tuple[Job, bool, Job | None]]:
-            return queue.record_outcome_and_refill(
+            return queue.record_outcome(
                 workspace_id="default",
                 worker_id=a.worker_id,
                 job_id=job.id,

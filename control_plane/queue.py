@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Protocol
 
+import asyncpg
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -26,8 +27,9 @@ from control_plane.group_commit import GroupCommit
 from control_plane.ids import new_id
 from control_plane.store import events as events_store
 from control_plane.store import jobs as jobs_store
+from control_plane.store import pg_direct
 from control_plane.store import workers as workers_store
-from control_plane.store.db import Database
+from control_plane.store.db import Database, driver
 from control_plane.store.events import Draft
 
 log = logging.getLogger(__name__)
@@ -104,6 +106,14 @@ class _Outcome:
     refill: Refill | None = None
 
 
+_Kind = tuple[str, tuple[str, ...], tuple[str, ...]]  # workspace, job types, repo ids
+
+
+def _kind(outcome: _Outcome) -> _Kind:
+    assert outcome.refill is not None
+    return (outcome.workspace_id, outcome.refill.types, outcome.refill.repo_ids)
+
+
 @dataclass(frozen=True, slots=True)
 class _StatusChange:
     """A session going offline or draining, waiting for its group commit."""
@@ -130,10 +140,23 @@ class _Connect:
 
 @dataclass(slots=True)
 class _Tx:
-    conn: AsyncConnection
+    """A write transaction in the making. Inserts, saves of rows it holds, events and hints are
+    queued and written last, together (on PostgreSQL as one statement: see store.pg_writes)."""
+
+    sql: AsyncConnection | None
     now: datetime
+    direct: asyncpg.Connection | None = None
     drafts: dict[str, list[Draft]] = field(default_factory=lambda: defaultdict(list))
     available: set[str] = field(default_factory=set)
+    inserts: list[Job] = field(default_factory=list)
+    # (job, stored status, stored epoch) of rows this transaction has locked (FOR UPDATE, or
+    # SQLite's write lock) and just read: the fence in the statement cannot fail for them.
+    saves: list[tuple[Job, JobStatus, int]] = field(default_factory=list)
+
+    @property
+    def conn(self) -> AsyncConnection:
+        assert self.sql is not None, "a direct transaction has no SQLAlchemy connection"
+        return self.sql
 
     def add(self, workspace_id: str, draft: Draft) -> None:
         self.drafts[workspace_id].append(draft)
@@ -171,28 +194,56 @@ class JobQueue:
         return self._db
 
     @asynccontextmanager
-    async def _write(self) -> AsyncIterator[_Tx]:
-        published: list[Event] = []
-        async with self._db.write() as conn:
-            tx = _Tx(conn=conn, now=self._clock())
-            yield tx
-            if not self._db.is_sqlite:
-                for workspace_id in sorted(tx.available):
-                    await jobs_store.notify_available(
-                        conn, workspace_id=workspace_id, replica_id=self._settings.replica_id
-                    )
-            # Last, and in a fixed order: each append locks its workspace's row until the commit.
-            for workspace_id in sorted(tx.drafts):
-                published += await events_store.append(
-                    conn,
-                    workspace_id=workspace_id,
-                    drafts=tx.drafts[workspace_id],
-                    now=tx.now,
-                    notify=not self._db.is_sqlite,
-                )
+    async def _write(self, *, direct: bool = False) -> AsyncIterator[_Tx]:
+        """A write transaction. ``direct`` (PostgreSQL; SQLite ignores it): no SQLAlchemy, no
+        transaction open; the body reads through ``tx.direct`` if at all, and everything queued
+        is written by one statement, fenced (see store.pg_direct)."""
+        if direct and not self._db.is_sqlite:
+            async with self._db.direct() as raw:
+                tx = _Tx(sql=None, direct=raw, now=self._clock())
+                yield tx
+                published = await self._flush_postgres(tx, raw)
+        else:
+            async with self._db.write() as conn:
+                tx = _Tx(sql=conn, now=self._clock())
+                yield tx
+                published = await (self._flush_sqlite(tx) if self._db.is_sqlite else self._flush_postgres(tx))
         self._hub.publish(published)
         for workspace_id in tx.available:
             self._on_available(workspace_id)
+
+    async def _flush_sqlite(self, tx: _Tx) -> list[Event]:
+        if tx.inserts:
+            await jobs_store.insert_jobs(tx.conn, jobs=tx.inserts)
+        await jobs_store.save_many(tx.conn, jobs=tx.saves)
+        published: list[Event] = []
+        # Last, and in a fixed order: each append locks its workspace's row until the commit.
+        for workspace_id in sorted(tx.drafts):
+            published += await events_store.append(
+                tx.conn, workspace_id=workspace_id, drafts=tx.drafts[workspace_id], now=tx.now, notify=False
+            )
+        return published
+
+    async def _flush_postgres(self, tx: _Tx, raw: asyncpg.Connection | None = None) -> list[Event]:
+        if not (tx.inserts or tx.saves or tx.drafts or tx.available):
+            return []
+        last = await pg_direct.write(
+            raw or await driver(tx.conn),
+            inserts=tx.inserts,
+            saves=tx.saves,
+            drafts=tx.drafts,
+            available=sorted(tx.available),
+            replica_id=self._settings.replica_id,
+            now=tx.now,
+        )
+        published: list[Event] = []
+        for workspace_id in sorted(tx.drafts):
+            if workspace_id not in last:
+                raise NotFound(f"workspace {workspace_id} not found")
+            published += events_store.numbered(
+                workspace_id, tx.drafts[workspace_id], last=last[workspace_id], now=tx.now
+            )
+        return published
 
     def _assign(self, tx: _Tx, job: Job, who: Assignee) -> Job:
         """``job`` leased to ``who`` as of this transaction, with its event (the caller saves it)."""
@@ -259,7 +310,7 @@ class JobQueue:
         stored: list[Job] = []
         assigned: list[Job] = []
         try:
-            async with self._write() as tx:
+            async with self._write(direct=True) as tx:
                 for job in jobs:
                     who = direct.reserve(job) if direct is not None else None
                     tx.add(job.workspace_id, Draft(EventKind.JOB_SUBMITTED, job=job))
@@ -270,7 +321,7 @@ class JobQueue:
                     running = self._assign(tx, job, who)
                     stored.append(running)
                     assigned.append(running)
-                await jobs_store.insert_jobs(tx.conn, jobs=stored)
+                tx.inserts += stored
         except BaseException:
             for job in assigned:
                 assert direct is not None
@@ -336,11 +387,10 @@ class JobQueue:
             claimed = [
                 (self._assign(tx, job, who), who) for job, who in zip(pending, assignees, strict=False)
             ]
-            # The rows are locked by `claimable` (or by SQLite's write lock): one executemany.
-            saves = [
+            # The rows are locked by `claimable` (or by SQLite's write lock).
+            tx.saves += [
                 (new, old.status, old.lease_epoch) for old, (new, _) in zip(pending, claimed, strict=False)
             ]
-            await jobs_store.save_many(tx.conn, jobs=saves)
         return claimed
 
     async def record_outcome(
@@ -377,38 +427,67 @@ class JobQueue:
     ) -> list[tuple[Job, bool, Job | None] | Exception]:
         """Record a batch of outcomes in one transaction; each gets its own answer.
 
-        Every job of the batch is read and locked in one statement; each outcome is then decided
-        in arrival order against the latest state (so a replay right behind its original in the
-        same batch is a duplicate). Sessions that asked to be refilled then claim their next jobs,
-        one statement per kind of session, and every changed job is written in one executemany.
+        Every job of the batch is read in one statement, with the pending jobs the refilled
+        sessions would take next; each outcome is then decided in arrival order against the
+        latest state (so a replay right behind its original in the same batch is a duplicate), and
+        every changed job is written with the events, last.
+
+        On PostgreSQL the read takes no locks and the write is fenced: two round trips, no BEGIN
+        or COMMIT. If anything it read changed before the write (a sweep, another replica's
+        claim), the write aborts whole and the batch is decided again under row locks.
         """
-        answers: list[tuple[Job, bool, Job | None] | Exception] = []
+        wanted: dict[_Kind, int] = defaultdict(int)  # refills asked for, by kind of session
+        for outcome in outcomes:
+            if outcome.refill is not None:
+                wanted[_kind(outcome)] += 1
+        claims = [(*kind, n) for kind, n in wanted.items()]
+        ids = [o.job_id for o in outcomes]
+        if not self._db.is_sqlite:
+            try:
+                async with self._write(direct=True) as tx:
+                    assert tx.direct is not None
+                    jobs, pending = await pg_direct.outcome_view(tx.direct, job_ids=ids, claims=claims)
+                    answers = self._decide_outcomes(
+                        tx, outcomes, jobs, dict(zip(wanted, pending, strict=True))
+                    )
+                return answers
+            except pg_direct.Fenced:
+                log.info("outcomes raced with another write; deciding them again under row locks")
         async with self._write() as tx:
-            jobs = await jobs_store.get_many(tx.conn, job_ids=[o.job_id for o in outcomes], lock=True)
-            writes: dict[str, tuple[Job, JobStatus, int]] = {}
-            wanted: dict[tuple[str, tuple[str, ...], tuple[str, ...]], list[int]] = defaultdict(list)
-            for outcome in outcomes:
-                try:
-                    job, duplicate = self._decide_outcome(tx, outcome, jobs, writes)
-                except IasError as exc:
-                    answers.append(exc)
-                    continue
-                answers.append((job, duplicate, None))
-                if outcome.refill is not None and not duplicate:
-                    key = (outcome.workspace_id, outcome.refill.types, outcome.refill.repo_ids)
-                    wanted[key].append(len(answers) - 1)
-            for (workspace_id, types, repo_ids), indexes in wanted.items():
-                pending = await jobs_store.claimable(
-                    tx.conn, workspace_id=workspace_id, types=types, repo_ids=repo_ids, limit=len(indexes)
-                )
-                for job, index in zip(pending, indexes, strict=False):
-                    refill = outcomes[index].refill
-                    answer = answers[index]
-                    assert refill is not None and isinstance(answer, tuple)
-                    running = self._assign(tx, job, refill.assignee)
-                    writes[job.id] = (running, job.status, job.lease_epoch)
-                    answers[index] = (answer[0], answer[1], running)
-            await jobs_store.save_many(tx.conn, jobs=list(writes.values()))
+            jobs = await jobs_store.get_many(tx.conn, job_ids=ids, lock=True)
+            pending = [
+                await jobs_store.claimable(tx.conn, workspace_id=ws, types=types, repo_ids=repo_ids, limit=n)
+                for ws, types, repo_ids, n in claims
+            ]
+            answers = self._decide_outcomes(tx, outcomes, jobs, dict(zip(wanted, pending, strict=True)))
+        return answers
+
+    def _decide_outcomes(
+        self,
+        tx: _Tx,
+        outcomes: Sequence[_Outcome],
+        jobs: dict[str, Job],
+        pending: dict[_Kind, list[Job]],
+    ) -> list[tuple[Job, bool, Job | None] | Exception]:
+        """Each outcome decided in order; a session that asked for a refill (and whose outcome
+        was not a replay) is given the next of the ``pending`` jobs of its kind."""
+        answers: list[tuple[Job, bool, Job | None] | Exception] = []
+        writes: dict[str, tuple[Job, JobStatus, int]] = {}
+        queues = {key: iter(jobs_of_kind) for key, jobs_of_kind in pending.items()}
+        for outcome in outcomes:
+            try:
+                job, duplicate = self._decide_outcome(tx, outcome, jobs, writes)
+            except IasError as exc:
+                answers.append(exc)
+                continue
+            following = None
+            if outcome.refill is not None and not duplicate:
+                candidate = next(queues[_kind(outcome)], None)
+                if candidate is not None:
+                    following = self._assign(tx, candidate, outcome.refill.assignee)
+                    writes[candidate.id] = (following, candidate.status, candidate.lease_epoch)
+            answers.append((job, duplicate, following))
+        tx.saves += writes.values()
         return answers
 
     def _decide_outcome(

@@ -19,6 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Final
 
+import asyncpg
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import event, text
@@ -63,6 +64,9 @@ class Database:
         self.engine: AsyncEngine = (
             self._sqlite_engine() if self.is_sqlite else self._postgres_engine(pool_size)
         )
+        self._pool_size = pool_size
+        self._direct_pool: asyncpg.Pool | None = None
+        self._direct_opening = asyncio.Lock()
 
     def _sqlite_engine(self) -> AsyncEngine:
         engine = create_async_engine(self.url, connect_args={"timeout": 30})
@@ -95,18 +99,49 @@ class Database:
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:
-        """A write transaction: committed on success, rolled back on error."""
+        """A write transaction: committed on success, rolled back on error.
+
+        On PostgreSQL the transaction begins with its first statement through SQLAlchemy; one that
+        goes straight to the driver first (see `driver`) runs on its own, as its own transaction.
+        """
         try:
             if self._write_lock is None:
                 async with self.engine.begin() as conn:
-                    yield conn
+                    async with _invalidated_on_outage(conn):
+                        yield conn
             else:
                 async with self._write_lock, self.engine.begin() as conn:
                     yield conn
-        except (OperationalError, DBAPIError, OSError) as exc:
-            if isinstance(exc, DBAPIError) and not exc.connection_invalidated and not _is_outage(exc):
+        except (OperationalError, DBAPIError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            if not _is_outage(exc):
                 raise
             raise Unavailable(f"database unavailable: {type(exc).__name__}") from exc
+
+    @asynccontextmanager
+    async def direct(self) -> AsyncIterator[asyncpg.Connection]:
+        """PostgreSQL: an asyncpg connection outside SQLAlchemy, for the statements every job
+        takes (see store.pg_direct). No transaction is open: each statement is its own, unless
+        the caller opens one. Taking one costs a fraction of an engine checkout and return."""
+        try:
+            pool = self._direct_pool or await self._open_direct_pool()
+            async with pool.acquire() as conn:
+                yield conn
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            if not _is_outage(exc):
+                raise
+            if self._direct_pool is not None:
+                # Its other connections most likely died too: reconnect each on its next use.
+                await self._direct_pool.expire_connections()
+            raise Unavailable(f"database unavailable: {type(exc).__name__}") from exc
+
+    async def _open_direct_pool(self) -> asyncpg.Pool:
+        async with self._direct_opening:
+            if self._direct_pool is None:
+                dsn = make_url(self.url).set(drivername="postgresql").render_as_string(hide_password=False)
+                self._direct_pool = await asyncpg.create_pool(
+                    dsn, min_size=1, max_size=self._pool_size, reset=_rollback_if_open
+                )
+            return self._direct_pool
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
@@ -154,14 +189,41 @@ class Database:
             thread.shutdown(wait=False)
 
     async def close(self) -> None:
+        if self._direct_pool is not None:
+            await self._direct_pool.close()
         await self.engine.dispose()
+
+
+async def _rollback_if_open(conn: asyncpg.Connection) -> None:
+    """What a direct connection needs before reuse. asyncpg's own reset (UNLISTEN, RESET ALL,
+    ...) is a round trip on every release, for state these connections never set."""
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
+
+
+async def driver(conn: AsyncConnection) -> asyncpg.Connection:
+    """PostgreSQL: the asyncpg connection under ``conn``, for statements SQLAlchemy cannot batch."""
+    raw = await conn.get_raw_connection()
+    return raw.driver_connection
+
+
+@asynccontextmanager
+async def _invalidated_on_outage(conn: AsyncConnection) -> AsyncIterator[None]:
+    """A connection that failed a statement sent straight through the driver is not returned to
+    the pool as if nothing happened: SQLAlchemy never saw the error."""
+    try:
+        yield
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        if _is_outage(exc):
+            await conn.invalidate()
+        raise
 
 
 def _is_query_error(exc: Exception) -> bool:
     """A DBAPIError that is about the statement, not about reaching the database."""
     if isinstance(exc, OperationalError) or not isinstance(exc, DBAPIError):
         return False
-    return not exc.connection_invalidated and not _is_outage(exc)
+    return not _is_outage(exc)
 
 
 # SQLSTATE classes and codes that mean "the database cannot be reached or is going away", not "this
@@ -171,11 +233,18 @@ _OUTAGE_SQLSTATE_CLASSES: Final = ("08", "53", "57")
 _OUTAGE_WORDS: Final = ("connection", "terminat", "shutdown", "shutting down", "starting up", "closed")
 
 
-def _is_outage(exc: DBAPIError) -> bool:
-    sqlstate = getattr(exc.orig, "sqlstate", None)
+def _is_outage(exc: BaseException) -> bool:
+    """Whether ``exc`` (SQLAlchemy's, or the driver's own) means the database is out of reach."""
+    if isinstance(exc, OSError | asyncpg.InterfaceError):
+        return True
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        exc = exc.orig  # type: ignore[assignment]
+    sqlstate = getattr(exc, "sqlstate", None)
     if isinstance(sqlstate, str) and sqlstate[:2] in _OUTAGE_SQLSTATE_CLASSES:
         return True
-    text = str(exc.orig).lower()
+    text = str(exc).lower()
     return any(s in text for s in _OUTAGE_WORDS)
 
 

@@ -60,22 +60,30 @@ async def append(
         return []
     params = {"ws": workspace_id, "n": len(drafts)}
     result = await conn.execute(_NEXT_SEQ_NOTIFY if notify else _NEXT_SEQ, params)
-    last = result.scalar_one()
-    first = last - len(drafts) + 1
+    first = result.scalar_one() - len(drafts) + 1
     rows = [
-        {
-            "workspace_id": workspace_id,
-            "seq": first + i,
-            "kind": d.kind.value,
-            "job_id": d.job.id if d.job else "",
-            "worker_id": d.worker.id if d.worker else (d.job.worker_id if d.job else ""),
-            "reason": d.reason[:200],
-            "data": codec.event_data(d.job, d.worker),
-            "occurred_at": now,
-        }
+        {**event_row(d), "workspace_id": workspace_id, "seq": first + i, "occurred_at": now}
         for i, d in enumerate(drafts)
     ]
     await conn.execute(_INSERT, rows)
+    return numbered(workspace_id, drafts, last=first + len(drafts) - 1, now=now)
+
+
+def event_row(draft: Draft) -> dict[str, str]:
+    """The columns of a draft's row that do not depend on where it goes in the log."""
+    job, worker = draft.job, draft.worker
+    return {
+        "kind": draft.kind.value,
+        "job_id": job.id if job else "",
+        "worker_id": worker.id if worker else (job.worker_id if job else ""),
+        "reason": draft.reason[:200],
+        "data": codec.event_data(job, worker),
+    }
+
+
+def numbered(workspace_id: str, drafts: Sequence[Draft], *, last: int, now: datetime) -> list[Event]:
+    """``drafts`` as the events they became, the last one numbered ``last``."""
+    first = last - len(drafts) + 1
     return [
         Event(
             seq=first + i,

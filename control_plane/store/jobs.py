@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, insert, or_, select, text, update
+from sqlalchemy import and_, bindparam, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from control_plane.domain.jobs import Job, JobStatus
@@ -40,7 +40,7 @@ _IMMUTABLE_COLUMNS = frozenset(
         "idempotency_key",
     }
 )
-_SAVED_COLUMNS = tuple(c.name for c in _jobs.columns if c.name not in _IMMUTABLE_COLUMNS)
+SAVED_COLUMNS = tuple(c.name for c in _jobs.columns if c.name not in _IMMUTABLE_COLUMNS)
 _SAVE = (
     update(_jobs)
     .where(
@@ -48,7 +48,7 @@ _SAVE = (
         _jobs.c.status == bindparam("w_status"),
         _jobs.c.lease_epoch == bindparam("w_epoch"),
     )
-    .values({column: bindparam(f"v_{column}") for column in _SAVED_COLUMNS})
+    .values({column: bindparam(f"v_{column}") for column in SAVED_COLUMNS})
 )
 
 
@@ -157,7 +157,7 @@ async def save_many(conn: AsyncConnection, *, jobs: Sequence[tuple[Job, JobStatu
 
 def _save_params(job: Job, expect_status: JobStatus, expect_epoch: int) -> dict[str, Any]:
     row = codec.job_to_row(job)
-    params = {f"v_{column}": row[column] for column in _SAVED_COLUMNS}
+    params = {f"v_{column}": row[column] for column in SAVED_COLUMNS}
     params.update(w_id=job.id, w_status=expect_status.value, w_epoch=expect_epoch)
     return params
 
@@ -221,17 +221,6 @@ async def renew(
         )
         renewed += [(r[0], r[1], r[2]) for r in result.all()]
     return renewed
-
-
-async def notify_available(conn: AsyncConnection, *, workspace_id: str, replica_id: str) -> None:
-    """Tell other replicas (at commit) that the workspace has pending jobs.
-
-    The payload names the sender, so the sender (which already woke its own dispatcher) ignores it.
-    """
-    await conn.execute(
-        text("SELECT pg_notify(:channel, :payload)"),
-        {"channel": JOBS_CHANNEL, "payload": available_payload(replica_id, workspace_id)},
-    )
 
 
 def available_payload(replica_id: str, workspace_id: str) -> str:

@@ -1,0 +1,193 @@
+"""PostgreSQL statements sent straight through asyncpg, for the paths every job takes.
+
+A transaction's job writes, its events and its notifications go as one statement.
+
+Each statement is a round trip, and a round trip costs more than the work it carries: a socket
+write that wakes a backend, a read, a turn of the event loop, the driver's bookkeeping. A job's
+submission used to take six (BEGIN, the insert, the "jobs available" hint, the workspace's event
+sequence, the events, COMMIT), an outcome seven. Here the writes a transaction has queued (new
+jobs, fenced updates of rows it has locked), the sequence numbers, the events and every
+``pg_notify`` go as one statement of data-modifying CTEs, sent straight through asyncpg with arrays
+as parameters (one prepared statement, whatever the batch size).
+
+A transaction that read nothing before (a submission) needs no BEGIN or COMMIT at all: the one
+statement is its own transaction, atomic as any statement is. Outcomes go the same way after one
+unlocked read (`outcome_view`): every write is fenced by the status and lease epoch it read, and
+the statement aborts as a whole with a serialization failure (`ias_fence`, migration 0002) if any
+fenced row changed meanwhile; the caller then decides again under row locks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, Final
+
+import asyncpg
+from sqlalchemy import BigInteger, DateTime, Integer
+
+from control_plane.domain.jobs import Job, JobStatus
+from control_plane.store import codec
+from control_plane.store.events import EVENTS_CHANNEL, Draft, event_row
+from control_plane.store.jobs import JOBS_CHANNEL, SAVED_COLUMNS, available_payload
+from control_plane.store.tables import JobRow
+
+Fenced = asyncpg.SerializationError  # raised when a fenced write found its row changed
+
+_jobs = JobRow.__table__  # type: ignore[attr-defined]
+
+
+def _array_type(column: Any) -> str:
+    if isinstance(column.type, BigInteger):
+        return "bigint[]"
+    if isinstance(column.type, Integer):
+        return "int[]"
+    if isinstance(column.type, DateTime) or isinstance(getattr(column.type, "impl", None), DateTime):
+        return "timestamptz[]"
+    return "text[]"
+
+
+_COLUMNS: Final = tuple(c.name for c in _jobs.columns)
+_TYPES: Final = {c.name: _array_type(c) for c in _jobs.columns}
+_EVENT_FIELDS: Final = ("kind", "job_id", "worker_id", "reason", "data")
+
+
+def _build() -> str:
+    n = 0
+
+    def param(array_type: str) -> str:
+        nonlocal n
+        n += 1
+        return f"${n}::{array_type}"
+
+    inserted = ", ".join(param(_TYPES[c]) for c in _COLUMNS)
+    fenced = f"${n + 1}::text[]"
+    fence = ", ".join(param(t) for t in ("text[]", "text[]", "bigint[]"))  # id, status, epoch
+    saved = ", ".join(param(_TYPES[c]) for c in SAVED_COLUMNS)
+    workspace, now = param("text"), param("timestamptz")
+    kinds = f"${n + 1}::text[]"  # the first events array, for the number of events
+    events = ", ".join(param("text[]") for _ in _EVENT_FIELDS)
+    hints = param("text[]")
+    columns, fields = ", ".join(_COLUMNS), ", ".join(_EVENT_FIELDS)
+    picked = ", ".join(f"e.{f}" for f in _EVENT_FIELDS)
+    sets = ", ".join(f"{c} = v.{c}" for c in SAVED_COLUMNS)
+    return f"""
+WITH inserted AS (
+    INSERT INTO jobs ({columns}) SELECT * FROM unnest({inserted})
+), saved AS (
+    UPDATE jobs SET {sets}
+    FROM unnest({fence}, {saved}) AS v(w_id, w_status, w_epoch, {", ".join(SAVED_COLUMNS)})
+    WHERE jobs.id = v.w_id AND jobs.status = v.w_status AND jobs.lease_epoch = v.w_epoch
+    RETURNING 1
+), seq AS (
+    UPDATE workspaces SET event_seq = event_seq + cardinality({kinds})
+    -- The sequence row is locked last, after every job row (the fenced update above runs to the
+    -- end first, as a one-time filter): every writer locks in that order, so none deadlocks.
+    WHERE id = {workspace} AND cardinality({kinds}) > 0 AND (SELECT count(*) FROM saved) >= 0
+    RETURNING event_seq, pg_notify('{EVENTS_CHANNEL}', id || ':' || event_seq)
+), appended AS (
+    INSERT INTO events (workspace_id, seq, {fields}, occurred_at)
+    SELECT {workspace}, seq.event_seq - cardinality({kinds}) + e.n, {picked}, {now}
+    FROM seq, unnest({events}) WITH ORDINALITY AS e({fields}, n)
+)
+SELECT (SELECT event_seq FROM seq), (SELECT count(pg_notify('{JOBS_CHANNEL}', h)) FROM unnest({hints}) AS h),
+       ias_fence(cardinality({fenced}), (SELECT count(*) FROM saved))
+"""
+
+
+_STATEMENT: Final = _build()
+
+
+def _columns(rows: Sequence[dict[str, Any]], names: Sequence[str]) -> list[list[Any]]:
+    return [[row[name] for row in rows] for name in names]
+
+
+def _pending(first: int) -> str:
+    """Pending jobs of a kind of session in claim order; parameters from ``$first``: workspace,
+    types, repo ids, limit."""
+    ws, types, repos, limit = (f"${first + i}" for i in range(4))
+    return (
+        f"SELECT * FROM jobs WHERE workspace_id = {ws}::text AND status = '{JobStatus.PENDING.value}'"
+        f" AND type = ANY({types}::text[]) AND (repo_id = '' OR repo_id = ANY({repos}::text[]))"
+        f" ORDER BY priority, id LIMIT {limit}::int"
+    )
+
+
+_NAMED = "SELECT 0 AS ias_part, * FROM jobs WHERE id = ANY($1::text[])"
+_NAMED_AND_PENDING = f"({_NAMED}) UNION ALL (SELECT 1, * FROM ({_pending(2)}) AS p)"
+_PENDING = _pending(1)
+
+Claim = tuple[str, Sequence[str], Sequence[str], int]  # workspace, types, repo ids, limit
+
+
+async def outcome_view(
+    conn: asyncpg.Connection, *, job_ids: Sequence[str], claims: Sequence[Claim]
+) -> tuple[dict[str, Job], list[list[Job]]]:
+    """Without locks: the jobs named, and for each claim the pending jobs a session of that kind
+    would take next, in claim order. The first claim shares the jobs' statement."""
+    args: list[Any] = [list(job_ids)]
+    for workspace_id, types, repo_ids, limit in claims[:1]:
+        args += [workspace_id, list(types), list(repo_ids), limit]
+    jobs: dict[str, Job] = {}
+    pending: list[list[Job]] = [[] for _ in claims]
+    for row in await conn.fetch(_NAMED_AND_PENDING if claims else _NAMED, *args):
+        job = codec.job_from_row(row)
+        if row["ias_part"] == 0:
+            jobs[job.id] = job
+        else:
+            pending[0].append(job)
+    for i, (workspace_id, types, repo_ids, limit) in enumerate(claims[1:], start=1):
+        rows = await conn.fetch(_PENDING, workspace_id, list(types), list(repo_ids), limit)
+        pending[i] = [codec.job_from_row(row) for row in rows]
+    return jobs, pending
+
+
+async def write(
+    conn: asyncpg.Connection,
+    *,
+    inserts: Sequence[Job],
+    saves: Sequence[tuple[Job, JobStatus, int]],
+    drafts: dict[str, list[Draft]],
+    available: Sequence[str],
+    replica_id: str,
+    now: datetime,
+) -> dict[str, int]:
+    """Write it all; returns each workspace's last event sequence number.
+
+    One statement per workspace with events (the first carries the job writes and the hints), in
+    workspace order, so two transactions lock sequence rows in the same order. Several statements
+    run in one transaction: the caller's, or one started here.
+    """
+    workspaces = sorted(drafts) or [""]
+    hints = [available_payload(replica_id, w) for w in sorted(available)]
+    saved_rows = [codec.job_to_row(job) for job, _, _ in saves]
+    job_params: list[list[Any]] = [
+        *_columns([codec.job_to_row(job) for job in inserts], _COLUMNS),
+        [job.id for job, _, _ in saves],
+        [status.value for _, status, _ in saves],
+        [epoch for _, _, epoch in saves],
+        *_columns(saved_rows, SAVED_COLUMNS),
+    ]
+    last: dict[str, int] = {}
+
+    async def run() -> None:
+        for i, workspace_id in enumerate(workspaces):
+            events = [event_row(d) for d in drafts.get(workspace_id, ())]
+            row = await conn.fetchrow(
+                _STATEMENT,
+                *(job_params if i == 0 else [[] for _ in job_params]),
+                workspace_id,
+                now,
+                *_columns(events, _EVENT_FIELDS),
+                hints if i == 0 else [],
+            )
+            assert row is not None
+            if row[0] is not None:
+                last[workspace_id] = int(row[0])
+
+    if len(workspaces) > 1 and not conn.is_in_transaction():
+        async with conn.transaction():
+            await run()
+    else:
+        await run()
+    return last

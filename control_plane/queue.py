@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -27,7 +28,7 @@ from control_plane.group_commit import GroupCommit
 from control_plane.ids import new_id
 from control_plane.store import events as events_store
 from control_plane.store import jobs as jobs_store
-from control_plane.store import pg_direct
+from control_plane.store import pg_direct, sqlite_direct
 from control_plane.store import workers as workers_store
 from control_plane.store.db import Database, driver
 from control_plane.store.events import Draft
@@ -146,6 +147,7 @@ class _Tx:
     sql: AsyncConnection | None
     now: datetime
     direct: asyncpg.Connection | None = None
+    lite: sqlite3.Connection | None = None
     drafts: dict[str, list[Draft]] = field(default_factory=lambda: defaultdict(list))
     available: set[str] = field(default_factory=set)
     inserts: list[Job] = field(default_factory=list)
@@ -198,7 +200,15 @@ class JobQueue:
         """A write transaction. ``direct`` (PostgreSQL; SQLite ignores it): no SQLAlchemy, no
         transaction open; the body reads through ``tx.direct`` if at all, and everything queued
         is written by one statement, fenced (see store.pg_direct)."""
-        if direct and not self._db.is_sqlite:
+        if direct and self._db.is_sqlite:
+            async with self._db.direct_sqlite() as lite:
+                tx = _Tx(sql=None, lite=lite, now=self._clock())
+                yield tx
+                last = sqlite_direct.write(
+                    lite, inserts=tx.inserts, saves=tx.saves, drafts=tx.drafts, now=tx.now
+                )
+                published = _numbered(tx, last)
+        elif direct:
             async with self._db.direct() as raw:
                 tx = _Tx(sql=None, direct=raw, now=self._clock())
                 yield tx
@@ -236,14 +246,7 @@ class JobQueue:
             replica_id=self._settings.replica_id,
             now=tx.now,
         )
-        published: list[Event] = []
-        for workspace_id in sorted(tx.drafts):
-            if workspace_id not in last:
-                raise NotFound(f"workspace {workspace_id} not found")
-            published += events_store.numbered(
-                workspace_id, tx.drafts[workspace_id], last=last[workspace_id], now=tx.now
-            )
-        return published
+        return _numbered(tx, last)
 
     def _assign(self, tx: _Tx, job: Job, who: Assignee) -> Job:
         """``job`` leased to ``who`` as of this transaction, with its event (the caller saves it)."""
@@ -432,9 +435,10 @@ class JobQueue:
         latest state (so a replay right behind its original in the same batch is a duplicate), and
         every changed job is written with the events, last.
 
-        On PostgreSQL the read takes no locks and the write is fenced: two round trips, no BEGIN
-        or COMMIT. If anything it read changed before the write (a sweep, another replica's
-        claim), the write aborts whole and the batch is decided again under row locks.
+        Both go straight to the driver (store.pg_direct, store.sqlite_direct). On PostgreSQL the
+        read takes no locks and the write is fenced: two round trips, no BEGIN or COMMIT. If
+        anything it read changed before the write (a sweep, another replica's claim), the write
+        aborts whole and the batch is decided again under row locks.
         """
         wanted: dict[_Kind, int] = defaultdict(int)  # refills asked for, by kind of session
         for outcome in outcomes:
@@ -442,17 +446,17 @@ class JobQueue:
                 wanted[_kind(outcome)] += 1
         claims = [(*kind, n) for kind, n in wanted.items()]
         ids = [o.job_id for o in outcomes]
-        if not self._db.is_sqlite:
-            try:
-                async with self._write(direct=True) as tx:
+        try:
+            async with self._write(direct=True) as tx:
+                if tx.lite is not None:
+                    jobs, pending = sqlite_direct.outcome_view(tx.lite, job_ids=ids, claims=claims)
+                else:
                     assert tx.direct is not None
                     jobs, pending = await pg_direct.outcome_view(tx.direct, job_ids=ids, claims=claims)
-                    answers = self._decide_outcomes(
-                        tx, outcomes, jobs, dict(zip(wanted, pending, strict=True))
-                    )
-                return answers
-            except pg_direct.Fenced:
-                log.info("outcomes raced with another write; deciding them again under row locks")
+                answers = self._decide_outcomes(tx, outcomes, jobs, dict(zip(wanted, pending, strict=True)))
+            return answers
+        except pg_direct.Fenced:
+            log.info("outcomes raced with another write; deciding them again under row locks")
         async with self._write() as tx:
             jobs = await jobs_store.get_many(tx.conn, job_ids=ids, lock=True)
             pending = [
@@ -769,6 +773,18 @@ class JobQueue:
         async with self._db.read() as conn:
             if not await events_store.workspace_exists(conn, workspace_id=workspace_id):
                 raise NotFound(f"workspace {workspace_id} not found")
+
+
+def _numbered(tx: _Tx, last: dict[str, int]) -> list[Event]:
+    """The transaction's drafts as the events they became, given each workspace's last number."""
+    published: list[Event] = []
+    for workspace_id in sorted(tx.drafts):
+        if workspace_id not in last:
+            raise NotFound(f"workspace {workspace_id} not found")
+        published += events_store.numbered(
+            workspace_id, tx.drafts[workspace_id], last=last[workspace_id], now=tx.now
+        )
+    return published
 
 
 def _validate(new: NewJob) -> None:

@@ -67,6 +67,7 @@ class Database:
         self._pool_size = pool_size
         self._direct_pool: asyncpg.Pool | None = None
         self._direct_opening = asyncio.Lock()
+        self._direct_sqlite: sqlite3.Connection | None = None
 
     def _sqlite_engine(self) -> AsyncEngine:
         engine = create_async_engine(self.url, connect_args={"timeout": 30})
@@ -75,14 +76,7 @@ class Database:
         def _on_connect(dbapi_connection: Any, _record: Any) -> None:
             # Take transaction control away from the driver so that "begin" below decides.
             dbapi_connection.isolation_level = None
-            cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=NORMAL")
-            cursor.execute("PRAGMA busy_timeout=30000")
-            cursor.execute("PRAGMA foreign_keys=ON")
-            if self._background_checkpoints:
-                cursor.execute("PRAGMA wal_autocheckpoint=0")
-            cursor.close()
+            self._configure(dbapi_connection)
 
         @event.listens_for(engine.sync_engine, "begin")
         def _on_begin(conn: Connection) -> None:
@@ -90,6 +84,16 @@ class Database:
             conn.exec_driver_sql(f"BEGIN {mode}")
 
         return engine
+
+    def _configure(self, connection: Any) -> None:
+        cursor = connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        if self._background_checkpoints:
+            cursor.execute("PRAGMA wal_autocheckpoint=0")
+        cursor.close()
 
     def _postgres_engine(self, pool_size: int) -> AsyncEngine:
         # No pool_pre_ping: it costs a BEGIN/ping/ROLLBACK on every checkout. A connection that died
@@ -133,6 +137,39 @@ class Database:
                 # Its other connections most likely died too: reconnect each on its next use.
                 await self._direct_pool.expire_connections()
             raise Unavailable(f"database unavailable: {type(exc).__name__}") from exc
+
+    @asynccontextmanager
+    async def direct_sqlite(self) -> AsyncIterator[sqlite3.Connection]:
+        """SQLite: a write transaction (``BEGIN IMMEDIATE``) on a plain sqlite3 connection of its
+        own, under the same lock as every other writer (see store.sqlite_direct)."""
+        assert self._write_lock is not None
+        async with self._write_lock:
+            try:
+                conn = self._direct_sqlite or self._open_direct_sqlite()
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise Unavailable(f"database unavailable: {exc}") from exc
+            try:
+                yield conn
+            except BaseException:
+                if conn.in_transaction:
+                    conn.rollback()
+                raise
+            try:
+                conn.commit()
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    conn.rollback()
+                raise Unavailable(f"database unavailable: {exc}") from exc
+
+    def _open_direct_sqlite(self) -> sqlite3.Connection:
+        path = make_url(self.url).database
+        assert path, "the embedded database is a file"
+        conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        self._configure(conn)
+        self._direct_sqlite = conn
+        return conn
 
     async def _open_direct_pool(self) -> asyncpg.Pool:
         async with self._direct_opening:
@@ -191,6 +228,8 @@ class Database:
     async def close(self) -> None:
         if self._direct_pool is not None:
             await self._direct_pool.close()
+        if self._direct_sqlite is not None:
+            self._direct_sqlite.close()
         await self.engine.dispose()
 
 

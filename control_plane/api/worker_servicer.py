@@ -93,12 +93,27 @@ class WorkerServicer(wpb_grpc.WorkerServiceServicer):
         finally:
             session.close()
             reader.cancel()
-            await asyncio.gather(writer, reader, return_exceptions=True)
-            if session.tasks:
-                # Reports being recorded finish first (their commits stand either way), so that
-                # a shutdown closes the database only after them.
-                await asyncio.wait(set(session.tasks), timeout=CLOSE_TIMEOUT_S)
-            await self._close(session)
+            # Shielded: gRPC cancels this handler when the stream ends, and may do so again while
+            # it winds down; the session must still leave the registry and be recorded offline,
+            # or its jobs would wait for their leases to expire instead of the reconnect grace.
+            closing = asyncio.create_task(
+                self._wind_down(session, writer, reader), name=f"close {session.id}"
+            )
+            self.active.add(closing)
+            closing.add_done_callback(self.active.discard)
+            await asyncio.shield(closing)
+
+    async def _wind_down(self, session: Session, *streams: asyncio.Task[None]) -> None:
+        # Bounded: a read stuck inside gRPC must not keep the session open.
+        done, _ = await asyncio.wait(streams, timeout=CLOSE_TIMEOUT_S)
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                log.debug("stream task of %s ended: %r", session.worker_name, task.exception())
+        if session.tasks:
+            # Reports being recorded finish first (their commits stand either way), so that
+            # a shutdown closes the database only after them.
+            await asyncio.wait(set(session.tasks), timeout=CLOSE_TIMEOUT_S)
+        await self._close(session)
 
     async def _open(self, hello: wpb.Hello) -> Session:
         _validate_hello(hello)

@@ -30,7 +30,7 @@ from control_plane.store import events as events_store
 from control_plane.store import jobs as jobs_store
 from control_plane.store import pg_direct, sqlite_direct
 from control_plane.store import workers as workers_store
-from control_plane.store.db import Database, driver
+from control_plane.store.db import Database, driver, driver_sqlite
 from control_plane.store.events import Draft
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,8 @@ class _Connect:
 @dataclass(slots=True)
 class _Tx:
     """A write transaction in the making. Inserts, saves of rows it holds, events and hints are
-    queued and written last, together (on PostgreSQL as one statement: see store.pg_writes)."""
+    queued and written last, together, by store.pg_direct (one statement) or store.sqlite_direct,
+    whichever connection the transaction runs on."""
 
     sql: AsyncConnection | None
     now: datetime
@@ -197,17 +198,15 @@ class JobQueue:
 
     @asynccontextmanager
     async def _write(self, *, direct: bool = False) -> AsyncIterator[_Tx]:
-        """A write transaction. ``direct`` (PostgreSQL; SQLite ignores it): no SQLAlchemy, no
-        transaction open; the body reads through ``tx.direct`` if at all, and everything queued
-        is written by one statement, fenced (see store.pg_direct)."""
+        """A write transaction. ``direct``: past SQLAlchemy, on a driver connection (an asyncpg
+        connection with no transaction open, whose one write statement is fenced; or the SQLite
+        write connection under the write lock); the body reads through ``tx.direct`` or
+        ``tx.lite``, if at all."""
         if direct and self._db.is_sqlite:
             async with self._db.direct_sqlite() as lite:
                 tx = _Tx(sql=None, lite=lite, now=self._clock())
                 yield tx
-                last = sqlite_direct.write(
-                    lite, inserts=tx.inserts, saves=tx.saves, drafts=tx.drafts, now=tx.now
-                )
-                published = _numbered(tx, last)
+                published = await self._flush_sqlite(tx, lite)
         elif direct:
             async with self._db.direct() as raw:
                 tx = _Tx(sql=None, direct=raw, now=self._clock())
@@ -222,17 +221,15 @@ class JobQueue:
         for workspace_id in tx.available:
             self._on_available(workspace_id)
 
-    async def _flush_sqlite(self, tx: _Tx) -> list[Event]:
-        if tx.inserts:
-            await jobs_store.insert_jobs(tx.conn, jobs=tx.inserts)
-        await jobs_store.save_many(tx.conn, jobs=tx.saves)
-        published: list[Event] = []
-        # Last, and in a fixed order: each append locks its workspace's row until the commit.
-        for workspace_id in sorted(tx.drafts):
-            published += await events_store.append(
-                tx.conn, workspace_id=workspace_id, drafts=tx.drafts[workspace_id], now=tx.now, notify=False
-            )
-        return published
+    async def _flush_sqlite(self, tx: _Tx, lite: sqlite3.Connection | None = None) -> list[Event]:
+        last = sqlite_direct.write(
+            lite or await driver_sqlite(tx.conn),
+            inserts=tx.inserts,
+            saves=tx.saves,
+            drafts=tx.drafts,
+            now=tx.now,
+        )
+        return _numbered(tx, last)
 
     async def _flush_postgres(self, tx: _Tx, raw: asyncpg.Connection | None = None) -> list[Event]:
         if not (tx.inserts or tx.saves or tx.drafts or tx.available):

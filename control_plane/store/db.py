@@ -246,6 +246,14 @@ async def driver(conn: AsyncConnection) -> asyncpg.Connection:
     return raw.driver_connection
 
 
+async def driver_sqlite(conn: AsyncConnection) -> sqlite3.Connection:
+    """SQLite: the sqlite3 connection under ``conn``, inside the same transaction."""
+    raw = await conn.get_raw_connection()
+    inline = raw.driver_connection
+    assert isinstance(inline, sqlite_inline.InlineConnection)
+    return inline.sqlite3_connection
+
+
 @asynccontextmanager
 async def _invalidated_on_outage(conn: AsyncConnection) -> AsyncIterator[None]:
     """A connection that failed a statement sent straight through the driver is not returned to

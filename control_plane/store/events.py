@@ -2,7 +2,8 @@
 
 The next ``seq`` is taken by incrementing ``workspaces.event_seq`` inside the writing transaction.
 That row lock is held until commit, so transactions of one workspace commit in ``seq`` order and a
-reader that sees ``seq = n`` also sees every ``seq < n``: what makes ``Watch`` gap-free.
+reader that sees ``seq = n`` also sees every ``seq < n``: what makes ``Watch`` gap-free. The
+writing itself is in store.pg_direct and store.sqlite_direct, with the transaction's job writes.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import bindparam, insert, select, text, update
+from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from control_plane.domain.jobs import Job
@@ -24,20 +25,6 @@ _workspaces = WorkspaceRow.__table__  # type: ignore[attr-defined]
 
 EVENTS_CHANNEL = "ias_events"
 
-_INSERT = insert(_events)
-_NEXT_SEQ = (
-    update(_workspaces)
-    .where(_workspaces.c.id == bindparam("ws"))
-    .values(event_seq=_workspaces.c.event_seq + bindparam("n"))
-    .returning(_workspaces.c.event_seq)
-)
-# PostgreSQL: the same, and the hint to other replicas in the same round trip. A notification is
-# delivered at commit, so other replicas read the log from their last seq when it is complete.
-_NEXT_SEQ_NOTIFY = text(
-    "UPDATE workspaces SET event_seq = event_seq + :n WHERE id = :ws "
-    f"RETURNING event_seq, pg_notify('{EVENTS_CHANNEL}', id || ':' || event_seq)"
-)
-
 
 @dataclass(frozen=True, slots=True)
 class Draft:
@@ -47,26 +34,6 @@ class Draft:
     job: Job | None = None
     worker: Worker | None = None
     reason: str = ""
-
-
-async def append(
-    conn: AsyncConnection, *, workspace_id: str, drafts: Sequence[Draft], now: datetime, notify: bool
-) -> list[Event]:
-    """Give ``drafts`` the next sequence numbers of the workspace's log and insert them.
-
-    The sequence row stays locked until commit: call this last in the transaction.
-    """
-    if not drafts:
-        return []
-    params = {"ws": workspace_id, "n": len(drafts)}
-    result = await conn.execute(_NEXT_SEQ_NOTIFY if notify else _NEXT_SEQ, params)
-    first = result.scalar_one() - len(drafts) + 1
-    rows = [
-        {**event_row(d), "workspace_id": workspace_id, "seq": first + i, "occurred_at": now}
-        for i, d in enumerate(drafts)
-    ]
-    await conn.execute(_INSERT, rows)
-    return numbered(workspace_id, drafts, last=first + len(drafts) - 1, now=now)
 
 
 def event_row(draft: Draft) -> dict[str, str]:

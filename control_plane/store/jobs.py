@@ -144,17 +144,6 @@ async def save(conn: AsyncConnection, *, job: Job, expect_status: JobStatus, exp
     return result.rowcount == 1
 
 
-async def save_many(conn: AsyncConnection, *, jobs: Sequence[tuple[Job, JobStatus, int]]) -> None:
-    """`save` for several jobs in one executemany, for rows this transaction has locked.
-
-    The fence stays in the statement, but PostgreSQL's driver cannot report per-row counts for an
-    executemany: callers use it only for rows they hold (FOR UPDATE, or SQLite's write lock), whose
-    status and epoch they have just read.
-    """
-    if jobs:
-        await conn.execute(_SAVE, [_save_params(job, status, epoch) for job, status, epoch in jobs])
-
-
 def _save_params(job: Job, expect_status: JobStatus, expect_epoch: int) -> dict[str, Any]:
     row = codec.job_to_row(job)
     params = {f"v_{column}": row[column] for column in SAVED_COLUMNS}

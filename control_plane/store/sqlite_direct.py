@@ -1,11 +1,12 @@
 """SQLite statements on a plain sqlite3 connection, for the paths every job takes.
 
 The embedded database answers a statement in microseconds; SQLAlchemy's checkout, BEGIN hook,
-statement compilation and result processing cost ten times that. Submissions and outcomes go
-through here instead: the same rows SQLAlchemy would write (datetimes in its SQLite text form,
-so that stored values compare and sort alike), on a connection of their own, under the same
-process-wide write lock as every other writer (`Database.direct_sqlite`), so no write waits and
-no fence can fail.
+statement compilation and result processing cost ten times that. Submissions and outcomes run
+here whole, on a connection of their own under the same process-wide write lock as every other
+writer (`Database.direct_sqlite`), so no write waits and no fence can fail; every other write
+transaction ends here too, with its queued writes sent past SQLAlchemy on its own connection.
+Rows are stored as SQLAlchemy stores them (datetimes in its SQLite text form), so that stored
+values compare and sort alike whichever path wrote them.
 """
 
 from __future__ import annotations

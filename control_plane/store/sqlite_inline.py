@@ -51,6 +51,11 @@ class InlineConnection(aiosqlite.Connection):
     def __await__(self) -> Generator[Any, None, aiosqlite.Connection]:
         return self._connect().__await__()  # no thread to start
 
+    @property
+    def sqlite3_connection(self) -> sqlite3.Connection:
+        """The connection itself, for statements sent past SQLAlchemy in its transaction."""
+        return self._conn
+
 
 def connect(database: str | Path, *, iter_chunk_size: int = 64, **kwargs: Any) -> InlineConnection:
     def connector() -> sqlite3.Connection:

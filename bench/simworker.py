@@ -124,7 +124,13 @@ class SimWorker:
         self._reporting = {}
         self._channel = open_channel(self._target)
         call: Call = wpb_grpc.WorkerServiceStub(self._channel).Connect(metadata=bearer(self._token))
-        hello = wpb.Hello(worker_name=self.name, capabilities=["noop"], slots=1, version="bench")
+        hello = wpb.Hello(
+            worker_name=self.name,
+            capabilities=["noop"],
+            slots=1,
+            version="bench",
+            reads_assignment_acks=True,
+        )
         await call.write(wpb.ConnectRequest(hello=hello))
         first = await asyncio.wait_for(call.read(), WELCOME_TIMEOUT_S)
         if not isinstance(first, wpb.ConnectResponse) or first.WhichOneof("frame") != "welcome":
@@ -176,10 +182,11 @@ class SimWorker:
     def _handle(self, frame: wpb.ConnectResponse, received: float) -> None:
         kind = frame.WhichOneof("frame")
         if kind == "assignment":
+            if frame.assignment.HasField("outcome_ack"):
+                self._on_ack(frame.assignment.outcome_ack)
             self._on_assignment(frame.assignment, received)
         elif kind == "outcome_ack":
-            self._reporting.pop(frame.outcome_ack.job_id, None)
-            self._tally.acked(frame.outcome_ack)
+            self._on_ack(frame.outcome_ack)
         elif kind == "rejected":
             rejected = frame.rejected
             self._tally.problem(
@@ -190,6 +197,10 @@ class SimWorker:
             self._outbox.put_nowait(None)  # like the daemon: end this session, then reconnect
         elif kind in ("cancel", "lease_revoked", "drain"):
             self._tally.problem(f"{self.name}: unexpected {kind}: {getattr(frame, kind)}")
+
+    def _on_ack(self, ack: wpb.OutcomeAck) -> None:
+        self._reporting.pop(ack.job_id, None)
+        self._tally.acked(ack)
 
     def _on_assignment(self, assignment: wpb.Assignment, received: float) -> None:
         job, epoch = assignment.job, assignment.lease_epoch

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from functools import partial
 from typing import Protocol
 
 import asyncpg
@@ -155,6 +156,8 @@ class _Tx:
     # (job, stored status, stored epoch) of rows this transaction has locked (FOR UPDATE, or
     # SQLite's write lock) and just read: the fence in the statement cannot fail for them.
     saves: list[tuple[Job, JobStatus, int]] = field(default_factory=list)
+    # Run the moment the commit is known, before anything else the transaction's end does.
+    on_commit: list[Callable[[], None]] = field(default_factory=list)
 
     @property
     def conn(self) -> AsyncConnection:
@@ -207,16 +210,21 @@ class JobQueue:
                 tx = _Tx(sql=None, lite=lite, now=self._clock())
                 yield tx
                 published = await self._flush_sqlite(tx, lite)
+            _run_all(tx.on_commit)
         elif direct:
             async with self._db.direct() as raw:
                 tx = _Tx(sql=None, direct=raw, now=self._clock())
                 yield tx
                 published = await self._flush_postgres(tx, raw)
+                # The statement was its own transaction: committed. Before the connection goes
+                # back to its pool (a few turns of the event loop).
+                _run_all(tx.on_commit)
         else:
             async with self._db.write() as conn:
                 tx = _Tx(sql=conn, now=self._clock())
                 yield tx
                 published = await (self._flush_sqlite(tx) if self._db.is_sqlite else self._flush_postgres(tx))
+            _run_all(tx.on_commit)
         self._hub.publish(published)
         for workspace_id in tx.available:
             self._on_available(workspace_id)
@@ -322,14 +330,14 @@ class JobQueue:
                     stored.append(running)
                     assigned.append(running)
                 tx.inserts += stored
+                if direct is not None and assigned:
+                    # The first moment the assignments are durable: on their way at once.
+                    tx.on_commit.extend(partial(direct.deliver, job) for job in assigned)
         except BaseException:
             for job in assigned:
                 assert direct is not None
-                direct.unreserve(job)
+                direct.unreserve(job)  # a no-op for a job already delivered
             raise
-        for job in assigned:
-            assert direct is not None
-            direct.deliver(job)
         return [*stored]
 
     async def get(self, *, workspace_id: str, job_id: str) -> Job:
@@ -770,6 +778,11 @@ class JobQueue:
         async with self._db.read() as conn:
             if not await events_store.workspace_exists(conn, workspace_id=workspace_id):
                 raise NotFound(f"workspace {workspace_id} not found")
+
+
+def _run_all(callbacks: Sequence[Callable[[], None]]) -> None:
+    for callback in callbacks:
+        callback()
 
 
 def _numbered(tx: _Tx, last: dict[str, int]) -> list[Event]:

@@ -258,6 +258,7 @@ class WorkerDaemon:
                 repo_ids=list(self._settings.repo_ids),
                 version=__version__,
                 held_jobs=held,
+                reads_assignment_acks=True,
             )
         )
 
@@ -349,6 +350,8 @@ class WorkerDaemon:
                 if running is not None and running.epoch == standing.lease_epoch:
                     running.lease_deadline = now + standing.remaining.ToTimedelta().total_seconds()
         elif kind == "assignment":
+            if frame.assignment.HasField("outcome_ack"):
+                self._forget(frame.assignment.outcome_ack.job_id)
             self._on_assignment(frame.assignment)
         elif kind == "outcome_ack":
             self._forget(frame.outcome_ack.job_id)

@@ -139,6 +139,7 @@ class WorkerServicer(wpb_grpc.WorkerServiceServicer):
                 repo_ids=frozenset(worker.repo_ids),
             ),
             slots=worker.slots,
+            reads_assignment_acks=hello.reads_assignment_acks,
         )
         for job in adopted:
             assert job.lease_expires_at is not None
@@ -357,16 +358,17 @@ class WorkerServicer(wpb_grpc.WorkerServiceServicer):
             _forget_if_lost(session, outcome.job_id, outcome.lease_epoch)
             raise
         session.drop(outcome.job_id)
-        session.send(
-            wpb.ConnectResponse(
-                outcome_ack=wpb.OutcomeAck(
-                    job_id=job.id, lease_epoch=outcome.lease_epoch, duplicate=duplicate
-                )
-            )
+        ack: wpb.OutcomeAck | None = wpb.OutcomeAck(
+            job_id=job.id, lease_epoch=outcome.lease_epoch, duplicate=duplicate
         )
         if refill is not None and not duplicate:
-            self._dispatcher.refilled(session, following, started)
+            if following is None or not session.reads_assignment_acks:
+                session.send(wpb.ConnectResponse(outcome_ack=ack))
+                ack = None
+            # With the next job claimed, one frame carries the ack and the assignment.
+            self._dispatcher.refilled(session, following, started, ack=ack)
         else:
+            session.send(wpb.ConnectResponse(outcome_ack=ack))
             # A requeue woke the dispatcher already; a freed slot is worth a claim only if jobs wait.
             self._dispatcher.slot_freed(session)
         _log_finished(job, duplicate)

@@ -94,12 +94,16 @@ class Dispatcher:
             assignee=Assignee(worker_id=session.worker_id, session_id=session.id),
         )
 
-    def refilled(self, session: Session, job: Job | None, started: int) -> None:
-        """The outcome's transaction claimed ``job`` for ``session`` (None: nothing was pending)."""
+    def refilled(
+        self, session: Session, job: Job | None, started: int, *, ack: wpb.OutcomeAck | None = None
+    ) -> None:
+        """The outcome's transaction claimed ``job`` for ``session`` (None: nothing was pending);
+        ``ack``, that outcome's acknowledgement, goes in the assignment's frame."""
         if job is not None:
             assert job.lease_expires_at is not None
-            _push(session, job, job.lease_expires_at)
+            _push(session, job, job.lease_expires_at, ack)
             return
+        assert ack is None, "an ack rides only on an assignment"
         eligibility = session.eligibility
         self._empty_since[eligibility] = max(self._empty_since.get(eligibility, started), started)
         self.slot_freed(session)
@@ -235,13 +239,14 @@ def _spread(free: list[Session], n: int) -> list[Session]:
     return spread
 
 
-def _push(session: Session, job: Job, expires: datetime) -> None:
+def _push(session: Session, job: Job, expires: datetime, ack: wpb.OutcomeAck | None = None) -> None:
     session.hold(job.id, job.lease_epoch, expires)
     frame = wpb.ConnectResponse(
         assignment=wpb.Assignment(
             job=convert.job_to_pb(job),
             lease_epoch=job.lease_epoch,
             lease_ttl=convert.duration(expires - job.updated_at),
+            outcome_ack=ack,
         )
     )
     # A closed session keeps the job until the reconnect grace requeues it, like any lost stream.

@@ -35,6 +35,7 @@ class Session:
     worker_name: str
     eligibility: Eligibility
     slots: int
+    reads_assignment_acks: bool = False  # an outcome's ack may ride on the assignment refilling its slot
     outbox: asyncio.Queue[wpb.ConnectResponse | None] = field(
         default_factory=lambda: asyncio.Queue(OUTBOX_SIZE)
     )

@@ -4,21 +4,30 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from datetime import datetime
 from typing import Any
 
 from control_plane.domain.jobs import Job, JobResult, JobStatus
 from control_plane.domain.workers import Event, EventKind, Worker, WorkerStatus
 
+_RESULT_FIELDS = tuple(f.name for f in fields(JobResult))
+
 
 def result_to_json(result: JobResult | None) -> str:
     if result is None:
         return ""
-    data = asdict(result)
-    data["changed_paths"] = list(result.changed_paths)
-    data["counts"] = dict(result.counts)
-    return json.dumps({k: v for k, v in data.items() if v}, separators=(",", ":"))
+    # Field by field, not dataclasses.asdict (a deep copy): this runs twice per job written.
+    data: dict[str, Any] = {}
+    for name in _RESULT_FIELDS:
+        value = getattr(result, name)
+        if value:
+            data[name] = value
+    if result.changed_paths:
+        data["changed_paths"] = list(result.changed_paths)
+    if result.counts:
+        data["counts"] = dict(result.counts)
+    return json.dumps(data, separators=(",", ":"))
 
 
 def result_from_json(text: str) -> JobResult | None:

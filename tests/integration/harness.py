@@ -154,6 +154,7 @@ class RawWorker:
         slots: int = 1,
         repo_ids: tuple[str, ...] = (),
         held: tuple[tuple[str, int], ...] = (),
+        reads_assignment_acks: bool = False,
     ) -> wpb.Welcome:
         await self.call.write(
             wpb.ConnectRequest(
@@ -163,6 +164,7 @@ class RawWorker:
                     slots=slots,
                     repo_ids=list(repo_ids),
                     held_jobs=[wpb.HeldJob(job_id=j, lease_epoch=e) for j, e in held],
+                    reads_assignment_acks=reads_assignment_acks,
                 )
             )
         )

@@ -76,6 +76,37 @@ async def test_outcomes_from_many_streams_each_get_their_own_ack(tmp_path: Path,
         await jobs.close()
 
 
+@pytest.mark.parametrize("reads_assignment_acks", [True, False])
+async def test_an_outcome_whose_slot_is_refilled_is_acked_in_the_assignment_frame_if_the_worker_reads_it(
+    tmp_path: Path, db_url: str, reads_assignment_acks: bool
+) -> None:
+    async with running_plane(settings_for(tmp_path, db_url=db_url)) as cp:
+        w = RawWorker(cp.address, cp.worker)
+        await w.hello("one-slot", reads_assignment_acks=reads_assignment_acks)
+        jobs = JobsClient(cp.address, cp.admin)
+        first = await jobs.submit("noop")
+        assert (await w.read("assignment")).assignment.job.id == first.id
+        second = await jobs.submit("noop")  # waits: the only slot is taken
+        await w.send(outcome=wpb.Outcome(job_id=first.id, lease_epoch=1, status=job_pb2.JOB_STATUS_DONE))
+        frames = [await w.read()]
+        if not reads_assignment_acks:
+            frames.append(await w.read())
+        kinds = [f.WhichOneof("frame") for f in frames]
+        assignment = frames[-1].assignment
+        assert kinds == (["assignment"] if reads_assignment_acks else ["outcome_ack", "assignment"])
+        ack = assignment.outcome_ack if reads_assignment_acks else frames[0].outcome_ack
+        assert (ack.job_id, ack.lease_epoch, ack.duplicate) == (first.id, 1, False)
+        assert assignment.job.id == second.id
+        assert assignment.HasField("outcome_ack") is reads_assignment_acks
+        # Nothing left to refill the slot with: the last outcome's ack is a frame of its own.
+        await w.send(outcome=wpb.Outcome(job_id=second.id, lease_epoch=1, status=job_pb2.JOB_STATUS_DONE))
+        last = await w.read()
+        assert last.WhichOneof("frame") == "outcome_ack" and last.outcome_ack.job_id == second.id
+        assert {(await jobs.get(j.id)).status for j in (first, second)} == {job_pb2.JOB_STATUS_DONE}
+        await w.close()
+        await jobs.close()
+
+
 async def test_a_stale_outcome_in_a_batch_is_rejected_without_touching_the_others(
     tmp_path: Path, db_url: str
 ) -> None:

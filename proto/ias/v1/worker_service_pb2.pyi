@@ -194,12 +194,17 @@ class Hello(_message.Message):
     REPO_IDS_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     HELD_JOBS_FIELD_NUMBER: _builtins.int
+    READS_ASSIGNMENT_ACKS_FIELD_NUMBER: _builtins.int
     worker_name: _builtins.str
     """The worker's name, unique in its workspace; a new session with the same name fences out the old one."""
     slots: _builtins.int
     """How many jobs the worker runs at once (1 to 256)."""
     version: _builtins.str
     """The worker's software version."""
+    reads_assignment_acks: _builtins.bool
+    """The worker reads Assignment.outcome_ack: an outcome whose freed slot is refilled at once is
+    then acknowledged in the same frame as the next assignment (one frame fewer per job).
+    """
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Job types the worker can run."""
@@ -221,10 +226,11 @@ class Hello(_message.Message):
         repo_ids: _abc.Iterable[_builtins.str] | None = ...,
         version: _builtins.str = ...,
         held_jobs: _abc.Iterable[Global___HeldJob] | None = ...,
+        reads_assignment_acks: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "held_jobs", b"held_jobs", "repo_ids", b"repo_ids", "slots", b"slots", "version", b"version", "worker_name", b"worker_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "held_jobs", b"held_jobs", "reads_assignment_acks", b"reads_assignment_acks", "repo_ids", b"repo_ids", "slots", b"slots", "version", b"version", "worker_name", b"worker_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -391,6 +397,7 @@ class Assignment(_message.Message):
     JOB_FIELD_NUMBER: _builtins.int
     LEASE_EPOCH_FIELD_NUMBER: _builtins.int
     LEASE_TTL_FIELD_NUMBER: _builtins.int
+    OUTCOME_ACK_FIELD_NUMBER: _builtins.int
     lease_epoch: _builtins.int
     """The fencing token every later frame about this job must carry."""
     @_builtins.property
@@ -401,16 +408,24 @@ class Assignment(_message.Message):
     def lease_ttl(self) -> _duration_pb2.Duration:
         """How long the lease is valid from the moment this frame was sent."""
 
+    @_builtins.property
+    def outcome_ack(self) -> Global___OutcomeAck:
+        """Set only for a worker whose hello had reads_assignment_acks: the acknowledgement of the outcome
+        whose transaction claimed this job for the slot it freed. Read it as an outcome_ack frame
+        received just before this assignment.
+        """
+
     def __init__(
         self,
         *,
         job: _job_pb2.Job | None = ...,
         lease_epoch: _builtins.int = ...,
         lease_ttl: _duration_pb2.Duration | None = ...,
+        outcome_ack: Global___OutcomeAck | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "lease_ttl", b"lease_ttl"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "lease_ttl", b"lease_ttl", "outcome_ack", b"outcome_ack"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "lease_epoch", b"lease_epoch", "lease_ttl", b"lease_ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "lease_epoch", b"lease_epoch", "lease_ttl", b"lease_ttl", "outcome_ack", b"outcome_ack"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

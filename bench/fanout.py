@@ -14,7 +14,7 @@ from ias.v1 import job_service_pb2_grpc as jpb_grpc
 from bench.scenarios import ScenarioFailed, paced, settle
 from bench.server import RunningServer
 from bench.simworker import Tally, fleet
-from bench.stats import CpuMeter
+from bench.stats import CpuMeter, Judged
 from worker.client import open_channel
 
 log = logging.getLogger(__name__)
@@ -40,12 +40,16 @@ class FanoutResult:
     events_per_s: float
     server_cpu_pct: float
 
-    def rows(self) -> dict[str, str]:
+    def rows(self) -> dict[str, str | Judged]:
         m, n = self.measured, self.params.subscribers
         head = f"fan-out {n} watchers"
         return {
             f"{head}: events/s to each watcher": f"{self.events_per_s:.0f}",
-            f"{head}: commit → received p50 / p99 / max (ms)": _ms(m, "p50_ms", "p99_ms", "max_ms"),
+            f"{head}: commit → received p50 / p99 / max (ms)": Judged(
+                _ms(m, "p50_ms", "p99_ms", "max_ms"),
+                "p99 ≤ 25",
+                m["p99_ms"] is not None and m["p99_ms"] <= 25,
+            ),
             f"{head}: streams with a gap or duplicate / still behind": (
                 f"{m['streams_with_faults']} / {m['streams_behind']}"
             ),

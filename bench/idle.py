@@ -15,7 +15,7 @@ from bench import postgres
 from bench.scenarios import ScenarioFailed
 from bench.server import RunningServer
 from bench.simworker import SimWorker, Tally
-from bench.stats import CpuMeter, CpuUsage
+from bench.stats import CpuMeter, CpuUsage, Judged
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +37,16 @@ class IdleResult:
     rss_per_worker_kib: float
     db_commits_per_s: float | None
 
-    def rows(self) -> dict[str, str]:
+    def rows(self) -> dict[str, str | Judged]:
         n = self.workers
         commits = "—" if self.db_commits_per_s is None else f"{self.db_commits_per_s:.1f}"
+        cpu, rss = self.cpu.server_pct, self.rss_per_worker_kib
         return {
             f"idle {n} workers: time to connect all (s)": f"{self.connect_s:.1f}",
-            f"idle {n} workers: server CPU (% of a core)": f"{self.cpu.server_pct:.1f}",
-            f"idle {n} workers: server RSS per worker (KiB)": f"{self.rss_per_worker_kib:.1f}",
+            f"idle {n} workers: server CPU (% of a core)": Judged(f"{cpu:.1f}", "≤ 10", cpu <= 10),
+            f"idle {n} workers: server RSS per worker (KiB)": Judged(
+                f"{rss:.1f}", "≤ 50 KB (48.8 KiB)", rss <= 50_000 / 1024
+            ),
             f"idle {n} workers: PostgreSQL commits/s": commits,
         }
 

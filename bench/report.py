@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from typing import Generic, TypeVar
 
 from bench.scenarios import LatencyResult, ThroughputResult
-from bench.stats import CpuUsage
+from bench.stats import CpuUsage, Judged
 
 BACKEND_TITLES = {"sqlite": "SQLite", "postgres": "PostgreSQL"}
 
@@ -22,7 +22,7 @@ class BackendResult:
     backend: str
     latency: dict[float, LatencyResult] = field(default_factory=dict)  # by offered rate (jobs/s)
     throughput: dict[int, ThroughputResult] = field(default_factory=dict)  # by number of workers
-    extra: dict[str, str] = field(default_factory=dict)  # label → value, from the other scenarios
+    extra: dict[str, str | Judged] = field(default_factory=dict)  # label → value, from the other scenarios
     error: str = ""
     skipped: str = ""
 
@@ -75,6 +75,19 @@ LATENCY: Sequence[Metric[LatencyResult]] = (
     Metric("PostgreSQL write transactions per job", lambda x: _writes(x.db_writes_per_job)),
 )
 
+
+def _untargeted(metrics: Sequence[Metric[T]]) -> tuple[Metric[T], ...]:
+    return tuple(Metric(m.label, m.value) for m in metrics)
+
+
+# At the higher offered rates only the tail is held to a target.
+LATENCY_UNDER_LOAD: Sequence[Metric[LatencyResult]] = tuple(
+    Metric(m.label, m.value, "≤ 20", lambda x, _b: x.dispatch_ms.p99 <= 20)
+    if m.label == LATENCY[1].label
+    else m
+    for m in _untargeted(LATENCY)
+)
+
 THROUGHPUT: Sequence[Metric[ThroughputResult]] = (
     Metric(
         "throughput (jobs/s)",
@@ -90,13 +103,13 @@ THROUGHPUT: Sequence[Metric[ThroughputResult]] = (
 )
 
 
-def _cell(metric: Metric[T], found: T | None, result: BackendResult, *, judged: bool) -> str:
+def _cell(metric: Metric[T], found: T | None, result: BackendResult) -> str:
     if result.skipped:
         return "skipped"
     if found is None:
         return "failed" if result.error else "—"
     value = metric.value(found)
-    met = metric.meets(found, result.backend) if judged and metric.meets else None
+    met = metric.meets(found, result.backend) if metric.meets else None
     return value if met is None else f"{value} ({'ok' if met else 'MISSED'})"
 
 
@@ -105,13 +118,11 @@ def _rows(
     suffix: str,
     results: Sequence[BackendResult],
     pick: Callable[[BackendResult], T | None],
-    *,
-    base: bool,
 ) -> list[str]:
     lines = []
     for m in metrics:
-        cells = " | ".join(_cell(m, pick(r), r, judged=base) for r in results)
-        target = m.target if base and m.target else "—"
+        cells = " | ".join(_cell(m, pick(r), r) for r in results)
+        target = m.target or "—"
         lines.append(f"| {m.label} {suffix} | {target} | {cells} |")
     return lines
 
@@ -125,20 +136,23 @@ def _throughput_at(workers: int) -> Callable[[BackendResult], ThroughputResult |
 
 
 def table(results: Sequence[BackendResult], rates: Sequence[float], workers: Sequence[int]) -> str:
-    """One row per metric and parameter, one column per backend; targets apply to the first rate
-    and the first worker count (the parameters they were set for)."""
+    """One row per metric and parameter, one column per backend. The targets were set for the
+    first rate and the first worker count; at higher rates only the p99 has one."""
     lines = [
         "| metric | target | " + " | ".join(r.title for r in results) + " |",
         "|---|---|" + "---:|" * len(results),
     ]
     for n, rate in enumerate(rates):
-        lines += _rows(LATENCY, f"@ {rate:g} jobs/s", results, _latency_at(rate), base=n == 0)
+        metrics = LATENCY if n == 0 else LATENCY_UNDER_LOAD
+        lines += _rows(metrics, f"@ {rate:g} jobs/s", results, _latency_at(rate))
     for n, count in enumerate(workers):
-        lines += _rows(THROUGHPUT, f"@ {count} workers", results, _throughput_at(count), base=n == 0)
+        held = THROUGHPUT if n == 0 else _untargeted(THROUGHPUT)
+        lines += _rows(held, f"@ {count} workers", results, _throughput_at(count))
     labels = list(dict.fromkeys(label for r in results for label in r.extra))
     for label in labels:
-        cells = " | ".join("skipped" if r.skipped else r.extra.get(label, "—") for r in results)
-        lines.append(f"| {label} | — | {cells} |")
+        cells = " | ".join("skipped" if r.skipped else str(r.extra.get(label, "—")) for r in results)
+        judged = [v for r in results if isinstance(v := r.extra.get(label), Judged)]
+        lines.append(f"| {label} | {judged[0].target if judged else '—'} | {cells} |")
     return "\n".join(lines)
 
 
@@ -201,7 +215,7 @@ def markdown(
         "Targets (judged in the table where marked): dispatch p50 ≤ 1 ms and p99 ≤ 3 ms at 100 jobs/s,",
         "p99 ≤ 20 ms at 500 jobs/s; throughput on PostgreSQL ≥ 1,000 jobs/s and at least the fastest",
         "peer's; 2,000 idle workers ≤ 10 % of a core and ≤ 50 KB RSS each; Watch fan-out p99 ≤ 25 ms;",
-        "all 1,000 workers back within 5 s of a restart.",
+        "all 1,000 workers back within 5 s of a restart; a killed worker offline within 1 s.",
         "",
         *sections,
         "## Method",

@@ -23,6 +23,18 @@ class Summary:
     mean: float
 
 
+@dataclass(frozen=True, slots=True)
+class Judged:
+    """A figure of the report held to a target."""
+
+    value: str
+    target: str
+    met: bool
+
+    def __str__(self) -> str:
+        return f"{self.value} ({'ok' if self.met else 'MISSED'})"
+
+
 def summarise(values: Sequence[float]) -> Summary:
     if not values:
         raise ValueError("cannot summarise an empty sample")

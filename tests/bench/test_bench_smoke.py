@@ -48,6 +48,7 @@ def test_smoke_run_reports_every_scenario(tmp_path: Path) -> None:
         "idle 20 workers: server CPU (% of a core)",
         "idle 20 workers: server RSS per worker (KiB)",
         "restart under 20 workers: all workers back (s)",
+        "kill -9 of a worker holding a job: worker shown offline (s)",
         "kill -9 of a worker holding a job: job runs elsewhere (s)",
         "fan-out 3 watchers: commit → received p50 / p99 / max (ms)",
     ):

@@ -110,7 +110,7 @@ def _cell(metric: Metric[T], found: T | None, result: BackendResult) -> str:
         return "failed" if result.error else "—"
     value = metric.value(found)
     met = metric.meets(found, result.backend) if metric.meets else None
-    return value if met is None else f"{value} ({'ok' if met else 'MISSED'})"
+    return value if met is None else str(Judged(value, metric.target, met))
 
 
 def _rows(

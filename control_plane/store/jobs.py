@@ -53,12 +53,9 @@ _SAVE = (
 
 
 async def insert_job(conn: AsyncConnection, *, job: Job) -> None:
-    await insert_jobs(conn, jobs=[job])
-
-
-async def insert_jobs(conn: AsyncConnection, *, jobs: Sequence[Job]) -> None:
-    """Insert several jobs in one statement (executemany)."""
-    await conn.execute(_INSERT, [codec.job_to_row(job) for job in jobs])
+    """Insert one job through SQLAlchemy, so a duplicate idempotency key raises its IntegrityError
+    (submissions without a key go through store.pg_direct or store.sqlite_direct)."""
+    await conn.execute(_INSERT, codec.job_to_row(job))
 
 
 async def get(conn: AsyncConnection, *, workspace_id: str, job_id: str, lock: bool = False) -> Job | None:

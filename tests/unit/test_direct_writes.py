@@ -93,7 +93,7 @@ async def test_rows_written_directly_read_back_through_sqlalchemy_and_the_other_
     await _direct_write(db, inserts=direct_jobs, saves=[], drafts=drafts, now=now)
     sqlalchemy_job = _job(7, now)
     async with db.write() as conn:
-        await jobs_store.insert_jobs(conn, jobs=[sqlalchemy_job])
+        await jobs_store.insert_job(conn, job=sqlalchemy_job)
 
     async with db.read() as conn:
         for job in direct_jobs:

@@ -299,10 +299,9 @@ class JobQueue:
                 tx.available.add(workspace_id)
         except IntegrityError:
             # A concurrent submission with the same key won the race; return its job.
-            async with self._db.read() as conn:
-                existing = await jobs_store.by_idempotency_key(
-                    conn, workspace_id=workspace_id, key=new.idempotency_key
-                )
+            existing = await self._db.reading(
+                partial(jobs_store.by_idempotency_key, workspace_id=workspace_id, key=new.idempotency_key)
+            )
             if existing is None:
                 raise
             return existing, True
@@ -341,8 +340,7 @@ class JobQueue:
         return [*stored]
 
     async def get(self, *, workspace_id: str, job_id: str) -> Job:
-        async with self._db.read() as conn:
-            job = await jobs_store.get(conn, workspace_id=workspace_id, job_id=job_id)
+        job = await self._db.reading(partial(jobs_store.get, workspace_id=workspace_id, job_id=job_id))
         return jobs_domain.require(job, job_id)
 
     async def list_jobs(
@@ -350,29 +348,29 @@ class JobQueue:
     ) -> list[Job]:
         if not 0 <= limit <= 1000:
             raise InvalidArgument("limit", "must be between 1 and 1000")
-        async with self._db.read() as conn:
-            return await jobs_store.list_jobs(
-                conn,
+        return await self._db.reading(
+            partial(
+                jobs_store.list_jobs,
                 workspace_id=workspace_id,
                 status=status,
                 job_type=job_type,
                 limit=limit or 100,
                 before_id=before_id,
             )
+        )
 
     async def list_workers(self, *, workspace_id: str, include_offline: bool) -> list[Worker]:
-        async with self._db.read() as conn:
-            return await workers_store.list_workers(
-                conn, workspace_id=workspace_id, include_offline=include_offline
-            )
+        return await self._db.reading(
+            partial(workers_store.list_workers, workspace_id=workspace_id, include_offline=include_offline)
+        )
 
     async def events_since(self, workspace_id: str, after_seq: int) -> list[Event]:
-        async with self._db.read() as conn:
-            return await events_store.since(conn, workspace_id=workspace_id, after_seq=after_seq)
+        return await self._db.reading(
+            partial(events_store.since, workspace_id=workspace_id, after_seq=after_seq)
+        )
 
     async def last_seq(self, workspace_id: str) -> int:
-        async with self._db.read() as conn:
-            return await events_store.last_seq(conn, workspace_id=workspace_id)
+        return await self._db.reading(partial(events_store.last_seq, workspace_id=workspace_id))
 
     # -- the lease lifecycle ---------------------------------------------------------------
 
@@ -775,9 +773,8 @@ class JobQueue:
             await events_store.ensure_workspace(tx.conn, workspace_id=workspace_id, now=tx.now)
 
     async def require_workspace(self, workspace_id: str) -> None:
-        async with self._db.read() as conn:
-            if not await events_store.workspace_exists(conn, workspace_id=workspace_id):
-                raise NotFound(f"workspace {workspace_id} not found")
+        if not await self._db.reading(partial(events_store.workspace_exists, workspace_id=workspace_id)):
+            raise NotFound(f"workspace {workspace_id} not found")
 
 
 def _run_all(callbacks: Sequence[Callable[[], None]]) -> None:

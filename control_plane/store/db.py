@@ -11,13 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from functools import partial
 from importlib import resources
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import asyncpg
 from alembic import command
@@ -31,6 +31,8 @@ from control_plane.errors import InvalidArgument, Unavailable
 from control_plane.store import sqlite_inline
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 CHECKPOINT_EVERY_S: Final = 1.0
 
@@ -194,6 +196,19 @@ class Database:
             if _is_query_error(exc):
                 raise
             raise Unavailable(f"database unavailable: {type(exc).__name__}") from exc
+
+    async def reading(self, query: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        """``query`` in a read-only transaction, tried once more on another connection if the
+        database seemed out of reach. After a restart or a terminated backend the pool still holds
+        dead connections; the first one used fails, and SQLAlchemy then recycles the rest. A read
+        has nothing to undo, and a database that is really gone fails the second try as well."""
+        try:
+            async with self.read() as conn:
+                return await query(conn)
+        except Unavailable as exc:
+            log.info("a read failed (%s); trying once more on another connection", exc.message)
+        async with self.read() as conn:
+            return await query(conn)
 
     async def migrate(self) -> None:
         """Upgrade the schema to the newest migration (idempotent)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
 import time
@@ -23,7 +24,11 @@ from pg_throwaway import ThrowawayPostgres, available
 from soak import Fault, Soak, SoakConfig, run_soak
 from soak_audit import SoakReport, job_statuses, summary_table
 from soak_cluster import Daemon, Replica
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
 from tcp_proxy import TcpProxy
+
+from control_plane.store.db import Database
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -135,6 +140,25 @@ async def test_terminated_connections_lose_and_double_nothing(tmp_path: Path, pg
         db="postgres", db_url=pg_url, seed=random.randrange(2**32), faults=("db_terminate",), **LOAD
     )  # type: ignore[arg-type]
     _check(await run_soak(cfg, tmp_path, {"db_terminate": _terminate_backends(pg_url)}), "db_terminate")
+
+
+async def test_a_read_whose_pooled_connection_was_terminated_is_tried_once_more(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = Database(url=pg_url)
+    try:
+        await db.migrate()
+
+        async def one(conn: AsyncConnection) -> int:
+            return int((await conn.execute(text("SELECT 1"))).scalar_one())
+
+        assert await db.reading(one) == 1  # the pool now holds a connection
+        await _terminate_backends(pg_url)(None)  # type: ignore[arg-type]
+        with caplog.at_level(logging.INFO, logger="control_plane.store.db"):
+            assert await db.reading(one) == 1
+        assert "trying once more" in caplog.text, "the terminated connection was not the one used"
+    finally:
+        await db.close()
 
 
 async def test_replicas_answer_unavailable_while_the_database_is_down_and_serve_after(

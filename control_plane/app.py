@@ -33,7 +33,9 @@ from control_plane.config import ServerSettings
 from control_plane.dispatch.dispatcher import Dispatcher
 from control_plane.dispatch.listener import PgListener
 from control_plane.dispatch.maintenance import Maintenance
+from control_plane.dispatch.peers import REPLICAS_CHANNEL, Peers
 from control_plane.dispatch.sessions import SessionRegistry
+from control_plane.errors import IasError
 from control_plane.events.hub import EventHub
 from control_plane.queue import CANCEL_CHANNEL, SESSIONS_CHANNEL, JobQueue
 from control_plane.store import events as events_store
@@ -146,7 +148,13 @@ class ControlPlane:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        try:  # other replicas stop counting on this one at once, not a grace later
+            await self.queue.leave()
+        except IasError as exc:
+            log.warning("could not remove this replica's row: %s", exc.message)
         self.hub.close()
+        if self.queue.peers is not None:
+            self.queue.peers.close()
         await self.db.close()
 
 
@@ -197,6 +205,7 @@ async def build(settings: ServerSettings) -> ControlPlane:
         port=port,
     )
     if not db.is_sqlite:
+        queue.peers = Peers(hint=queue.hint_peers, count_others=queue.count_other_replicas)
         plane.listener = _listener(plane)
     return plane
 
@@ -222,9 +231,22 @@ def _listener(plane: ControlPlane) -> PgListener:
         if sender != plane.settings.replica_id:  # our own submits woke the dispatcher already
             plane.dispatcher.wake(workspace_id)
 
-    def on_reconnect() -> None:
-        plane.dispatcher.wake()
+    def on_replica(payload: str) -> None:
+        if payload != plane.settings.replica_id and peers is not None:
+            peers.company()
 
+    def on_reconnect() -> None:
+        # Notifications sent while we were not listening are lost: look afresh.
+        plane.dispatcher.wake()
+        plane.hub.resync()
+        if peers is not None:
+            peers.listening(True)
+
+    def on_lost() -> None:
+        if peers is not None:
+            peers.listening(False)
+
+    peers = plane.queue.peers
     return PgListener(
         url=plane.db.url,
         handlers={
@@ -232,8 +254,10 @@ def _listener(plane: ControlPlane) -> PgListener:
             EVENTS_CHANNEL: on_events,
             SESSIONS_CHANNEL: on_session,
             CANCEL_CHANNEL: on_cancel,
+            REPLICAS_CHANNEL: on_replica,
         },
         on_reconnect=on_reconnect,
+        on_lost=on_lost,
     )
 
 

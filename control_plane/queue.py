@@ -20,6 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from control_plane.config import ServerSettings
+from control_plane.dispatch.peers import REPLICAS_CHANNEL, Peers
 from control_plane.domain import jobs as jobs_domain
 from control_plane.domain.jobs import Job, JobResult, JobStatus
 from control_plane.domain.workers import Event, EventKind, Worker, WorkerStatus
@@ -158,6 +159,7 @@ class _Tx:
     saves: list[tuple[Job, JobStatus, int]] = field(default_factory=list)
     # Run the moment the commit is known, before anything else the transaction's end does.
     on_commit: list[Callable[[], None]] = field(default_factory=list)
+    quiet: bool = False  # written without notifications (see dispatch.peers)
 
     @property
     def conn(self) -> AsyncConnection:
@@ -187,6 +189,8 @@ class JobQueue:
         self._clock = clock
         self._started = clock()
         self.direct: DirectDispatch | None = None
+        # PostgreSQL: whether commits must notify other replicas (None: always).
+        self.peers: Peers | None = None
         self._submits: GroupCommit[Job, Job] = GroupCommit(self._insert_jobs)
         self._outcomes: GroupCommit[_Outcome, tuple[Job, bool, Job | None]] = GroupCommit(
             self._record_outcomes
@@ -214,16 +218,26 @@ class JobQueue:
         elif direct:
             async with self._db.direct() as raw:
                 tx = _Tx(sql=None, direct=raw, now=self._clock())
-                yield tx
-                published = await self._flush_postgres(tx, raw)
+                try:
+                    yield tx
+                    published = await self._flush_postgres(tx, raw)
+                finally:
+                    self._ended(tx)
                 # The statement was its own transaction: committed. Before the connection goes
                 # back to its pool (a few turns of the event loop).
                 _run_all(tx.on_commit)
         else:
-            async with self._db.write() as conn:
-                tx = _Tx(sql=conn, now=self._clock())
-                yield tx
-                published = await (self._flush_sqlite(tx) if self._db.is_sqlite else self._flush_postgres(tx))
+            began: _Tx | None = None
+            try:
+                async with self._db.write() as conn:
+                    tx = began = _Tx(sql=conn, now=self._clock())
+                    yield tx
+                    published = await (
+                        self._flush_sqlite(tx) if self._db.is_sqlite else self._flush_postgres(tx)
+                    )
+            finally:
+                if began is not None:
+                    self._ended(began)  # after the commit, or the rollback
             _run_all(tx.on_commit)
         self._hub.publish(published)
         for workspace_id in tx.available:
@@ -242,6 +256,7 @@ class JobQueue:
     async def _flush_postgres(self, tx: _Tx, raw: asyncpg.Connection | None = None) -> list[Event]:
         if not (tx.inserts or tx.saves or tx.drafts or tx.available):
             return []
+        tx.quiet = self.peers is not None and self.peers.quiet_write()
         last = await pg_direct.write(
             raw or await driver(tx.conn),
             inserts=tx.inserts,
@@ -250,8 +265,14 @@ class JobQueue:
             available=sorted(tx.available),
             replica_id=self._settings.replica_id,
             now=tx.now,
+            notify=not tx.quiet,
         )
         return _numbered(tx, last)
+
+    def _ended(self, tx: _Tx) -> None:
+        """A PostgreSQL transaction ended, committed or not."""
+        if tx.quiet and self.peers is not None:
+            self.peers.quiet_done(tx.drafts)
 
     def _assign(self, tx: _Tx, job: Job, who: Assignee) -> Job:
         """``job`` leased to ``who`` as of this transaction, with its event (the caller saves it)."""
@@ -751,22 +772,54 @@ class JobQueue:
         off from the database longer than the grace), mark its live sessions' workers online again.
 
         ``live`` maps worker id to (session id, draining) for the sessions open on this replica.
+        A row stored anew is announced to the other replicas, and `peers` learns how many others
+        are live.
         """
         replica_id = self._settings.replica_id
+        peers = self.peers
+        mark = peers.mark() if peers is not None else 0
+        others = 0
         async with self._write() as tx:
-            await workers_store.touch_replica(tx.conn, replica_id=replica_id, now=tx.now)
-            if not live:
-                return
-            for worker in await workers_store.reclaim_stranded(
-                tx.conn, replica_id=replica_id, live=live, now=tx.now, grace=self._settings.reconnect_grace
-            ):
-                log.warning(
-                    "worker %s was taken for stranded while its session lived; online again", worker.name
+            if await workers_store.touch_replica(tx.conn, replica_id=replica_id, now=tx.now):
+                await self._notify(tx, REPLICAS_CHANNEL, replica_id)
+            if peers is not None:
+                others = await workers_store.other_replicas(
+                    tx.conn, replica_id=replica_id, since=tx.now - self._settings.reconnect_grace
                 )
-                tx.add(
-                    worker.workspace_id,
-                    Draft(EventKind.WORKER_CONNECTED, worker=worker, reason="replica_back"),
-                )
+            await self._reclaim_stranded(tx, live)
+        if peers is not None:
+            peers.observed(mark, others=others)
+
+    async def leave(self) -> None:
+        """This replica stops: its row goes (its sessions have recorded themselves offline)."""
+        async with self._write() as tx:
+            await workers_store.remove_replica(tx.conn, replica_id=self._settings.replica_id)
+
+    async def count_other_replicas(self) -> int:
+        since = self._clock() - self._settings.reconnect_grace
+        return await self._db.reading(
+            partial(workers_store.other_replicas, replica_id=self._settings.replica_id, since=since)
+        )
+
+    async def hint_peers(self, workspaces: list[str]) -> None:
+        """After quiet writes: where other replicas should look (see `dispatch.peers`)."""
+        async with self._db.direct() as raw:
+            await pg_direct.hint(raw, workspaces=workspaces, replica_id=self._settings.replica_id)
+
+    async def _reclaim_stranded(self, tx: _Tx, live: dict[str, tuple[str, bool]] | None) -> None:
+        if not live:
+            return
+        for worker in await workers_store.reclaim_stranded(
+            tx.conn,
+            replica_id=self._settings.replica_id,
+            live=live,
+            now=tx.now,
+            grace=self._settings.reconnect_grace,
+        ):
+            log.warning("worker %s was taken for stranded while its session lived; online again", worker.name)
+            tx.add(
+                worker.workspace_id, Draft(EventKind.WORKER_CONNECTED, worker=worker, reason="replica_back")
+            )
 
     async def ensure_workspace(self, workspace_id: str) -> None:
         async with self._write() as tx:

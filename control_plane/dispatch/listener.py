@@ -21,11 +21,17 @@ class PgListener:
     """Holds one connection that LISTENs on the given channels, reconnecting with jittered backoff."""
 
     def __init__(
-        self, *, url: str, handlers: Mapping[str, Callable[[str], None]], on_reconnect: Callable[[], None]
+        self,
+        *,
+        url: str,
+        handlers: Mapping[str, Callable[[str], None]],
+        on_reconnect: Callable[[], None],
+        on_lost: Callable[[], None] = lambda: None,
     ) -> None:
         self._dsn = asyncpg_dsn(url)
         self._handlers = handlers
         self._on_reconnect = on_reconnect
+        self._on_lost = on_lost
         self.connected = asyncio.Event()
 
     async def run(self) -> None:
@@ -36,7 +42,9 @@ class PgListener:
                 delay = 0.1
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
                 log.warning("LISTEN connection lost (%s); reconnecting", exc)
-            self.connected.clear()
+            if self.connected.is_set():
+                self.connected.clear()
+                self._on_lost()
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 5.0)
 

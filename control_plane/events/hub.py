@@ -175,6 +175,13 @@ class EventHub:
             feed.known_seq = seq
             self._catch_up(feed)
 
+    def resync(self) -> None:
+        """Look at the log of every watched workspace: hints may have been missed (our LISTEN
+        connection was down)."""
+        for feed in self._feeds.values():
+            feed.known_seq = max(feed.known_seq, feed.last_seq + 1)
+            self._catch_up(feed)
+
     def close(self) -> None:
         for feed in self._feeds.values():
             for sub in feed.subscribers:

@@ -52,7 +52,8 @@ _TYPES: Final = {c.name: _array_type(c) for c in _jobs.columns}
 _EVENT_FIELDS: Final = ("kind", "job_id", "worker_id", "reason", "data")
 
 
-def _build() -> str:
+def _build(*, notify: bool) -> str:
+    """The write statement; ``notify``: with its ``pg_notify`` calls (see `dispatch.peers`)."""
     n = 0
 
     def param(array_type: str) -> str:
@@ -71,6 +72,10 @@ def _build() -> str:
     columns, fields = ", ".join(_COLUMNS), ", ".join(_EVENT_FIELDS)
     picked = ", ".join(f"e.{f}" for f in _EVENT_FIELDS)
     sets = ", ".join(f"{c} = v.{c}" for c in SAVED_COLUMNS)
+    notify_events = f", pg_notify('{EVENTS_CHANNEL}', id || ':' || event_seq)" if notify else ""
+    notify_jobs = f"(SELECT count(pg_notify('{JOBS_CHANNEL}', h)) FROM unnest({hints}) AS h)"
+    if not notify:
+        notify_jobs = f"cardinality({hints})"  # the parameter is still referenced
     return f"""
 WITH inserted AS (
     INSERT INTO jobs ({columns}) SELECT * FROM unnest({inserted})
@@ -84,18 +89,27 @@ WITH inserted AS (
     -- The sequence row is locked last, after every job row (the fenced update above runs to the
     -- end first, as a one-time filter): every writer locks in that order, so none deadlocks.
     WHERE id = {workspace} AND cardinality({kinds}) > 0 AND (SELECT count(*) FROM saved) >= 0
-    RETURNING event_seq, pg_notify('{EVENTS_CHANNEL}', id || ':' || event_seq)
+    RETURNING event_seq{notify_events}
 ), appended AS (
     INSERT INTO events (workspace_id, seq, {fields}, occurred_at)
     SELECT {workspace}, seq.event_seq - cardinality({kinds}) + e.n, {picked}, {now}
     FROM seq, unnest({events}) WITH ORDINALITY AS e({fields}, n)
 )
-SELECT (SELECT event_seq FROM seq), (SELECT count(pg_notify('{JOBS_CHANNEL}', h)) FROM unnest({hints}) AS h),
+SELECT (SELECT event_seq FROM seq), {notify_jobs},
        ias_fence(cardinality({fenced}), (SELECT count(*) FROM saved))
 """
 
 
-_STATEMENT: Final = _build()
+_STATEMENT: Final = _build(notify=True)
+_QUIET_STATEMENT: Final = _build(notify=False)
+
+# What a replica that stayed quiet sends once another may be listening: for each workspace its
+# quiet writes touched, the latest sequence number and that jobs may be waiting.
+_HINTS: Final = f"""
+SELECT count(pg_notify('{EVENTS_CHANNEL}', w.id || ':' || w.event_seq)),
+       count(pg_notify('{JOBS_CHANNEL}', v.hint))
+FROM workspaces AS w JOIN unnest($1::text[], $2::text[]) AS v(id, hint) ON w.id = v.id
+"""
 
 
 def _columns(rows: Sequence[dict[str, Any]], names: Sequence[str]) -> list[list[Any]]:
@@ -151,15 +165,17 @@ async def write(
     available: Sequence[str],
     replica_id: str,
     now: datetime,
+    notify: bool = True,
 ) -> dict[str, int]:
-    """Write it all; returns each workspace's last event sequence number.
+    """Write it all; returns each workspace's last event sequence number. ``notify``: wake other
+    replicas (`dispatch.peers` decides).
 
     One statement per workspace with events (the first carries the job writes and the hints), in
     workspace order, so two transactions lock sequence rows in the same order. Several statements
     run in one transaction: the caller's, or one started here.
     """
     workspaces = sorted(drafts) or [""]
-    hints = [available_payload(replica_id, w) for w in sorted(available)]
+    hints = [available_payload(replica_id, w) for w in sorted(available)] if notify else []
     saved_rows = [codec.job_to_row(job) for job, _, _ in saves]
     job_params: list[list[Any]] = [
         *_columns([codec.job_to_row(job) for job in inserts], _COLUMNS),
@@ -174,7 +190,7 @@ async def write(
         for i, workspace_id in enumerate(workspaces):
             events = [event_row(d) for d in drafts.get(workspace_id, ())]
             row = await conn.fetchrow(
-                _STATEMENT,
+                _STATEMENT if notify else _QUIET_STATEMENT,
                 *(job_params if i == 0 else [[] for _ in job_params]),
                 workspace_id,
                 now,
@@ -191,3 +207,8 @@ async def write(
     else:
         await run()
     return last
+
+
+async def hint(conn: asyncpg.Connection, *, workspaces: Sequence[str], replica_id: str) -> None:
+    """Tell other replicas where to look: the latest event of each workspace, and waiting jobs."""
+    await conn.fetchval(_HINTS, list(workspaces), [available_payload(replica_id, w) for w in workspaces])

@@ -122,13 +122,22 @@ async def list_workers(conn: AsyncConnection, *, workspace_id: str, include_offl
     return [codec.worker_from_row(row, running=counts.get(row["id"], 0)) for row in rows]
 
 
-async def touch_replica(conn: AsyncConnection, *, replica_id: str, now: datetime) -> None:
-    """Prove this replica is alive (one small write every few seconds, not per heartbeat)."""
+async def touch_replica(conn: AsyncConnection, *, replica_id: str, now: datetime) -> bool:
+    """Prove this replica is alive (one small write every few seconds, not per heartbeat); true if
+    its row had to be stored anew."""
     result = await conn.execute(
         update(_replicas).where(_replicas.c.id == replica_id).values(last_seen_at=now)
     )
-    if result.rowcount == 0:
-        await conn.execute(insert(_replicas).values(id=replica_id, started_at=now, last_seen_at=now))
+    if result.rowcount:
+        return False
+    await conn.execute(insert(_replicas).values(id=replica_id, started_at=now, last_seen_at=now))
+    return True
+
+
+async def other_replicas(conn: AsyncConnection, *, replica_id: str, since: datetime) -> int:
+    """How many other replicas proved themselves alive since then."""
+    query = select(func.count()).where(_replicas.c.id != replica_id, _replicas.c.last_seen_at >= since)
+    return int((await conn.execute(query)).scalar_one())
 
 
 async def reclaim_stranded(

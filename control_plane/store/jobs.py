@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, insert, or_, select, update
+from sqlalchemy import and_, bindparam, insert, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from control_plane.domain.jobs import Job, JobStatus
@@ -117,22 +117,36 @@ async def claimable(
     PostgreSQL skips rows other replicas have locked; on SQLite the caller's ``BEGIN IMMEDIATE``
     already excludes every other writer.
     """
-    repo_filter = _jobs.c.repo_id == ""
-    if repo_ids:
-        repo_filter = or_(repo_filter, _jobs.c.repo_id.in_(list(repo_ids)))
-    query = (
-        select(_jobs)
-        .where(
-            _jobs.c.workspace_id == workspace_id,
-            _jobs.c.status == JobStatus.PENDING.value,
-            _jobs.c.type.in_(list(types)),
-            repo_filter,
-        )
-        .order_by(_jobs.c.priority, _jobs.c.id)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
+    sql = pending_query(
+        workspace=":workspace_id",
+        type_in="IN :types",
+        repo_in="IN :repo_ids" if repo_ids else "",
+        limit=":limit",
     )
-    return [codec.job_from_row(row) for row in (await conn.execute(query)).mappings()]
+    if conn.dialect.name == "postgresql":
+        sql += " FOR UPDATE SKIP LOCKED"
+    query = text(sql).bindparams(bindparam("types", expanding=True))
+    params: dict[str, object] = {"workspace_id": workspace_id, "types": list(types), "limit": limit}
+    if repo_ids:
+        query = query.bindparams(bindparam("repo_ids", expanding=True))
+        params["repo_ids"] = list(repo_ids)
+    typed = query.columns(**{c.name: c.type for c in _jobs.columns})  # read back by name, as stored
+    return [codec.job_from_row(row) for row in (await conn.execute(typed, params)).mappings()]
+
+
+def pending_query(*, workspace: str, type_in: str, repo_in: str, limit: str) -> str:
+    """The pending jobs a session of one kind may take, in the order it takes them.
+
+    The one definition of that choice, rendered by each kind of connection with its own
+    placeholders: `claimable` (SQLAlchemy), `pg_direct` (asyncpg) and `sqlite_direct` (sqlite3).
+    ``type_in`` and ``repo_in`` are conditions on ``type`` and ``repo_id`` (``repo_in`` is empty
+    when the session names no repository: it then takes only jobs that need none).
+    """
+    repos = f" OR repo_id {repo_in}" if repo_in else ""
+    return (
+        f"SELECT * FROM jobs WHERE workspace_id = {workspace} AND status = '{JobStatus.PENDING.value}'"
+        f" AND type {type_in} AND (repo_id = ''{repos}) ORDER BY priority, id LIMIT {limit}"
+    )
 
 
 async def save(conn: AsyncConnection, *, job: Job, expect_status: JobStatus, expect_epoch: int) -> bool:

@@ -29,7 +29,7 @@ from sqlalchemy import BigInteger, DateTime, Integer
 from control_plane.domain.jobs import Job, JobStatus
 from control_plane.store import codec
 from control_plane.store.events import EVENTS_CHANNEL, Draft, event_row
-from control_plane.store.jobs import JOBS_CHANNEL, SAVED_COLUMNS, available_payload
+from control_plane.store.jobs import JOBS_CHANNEL, SAVED_COLUMNS, available_payload, pending_query
 from control_plane.store.tables import JobRow
 
 Fenced = asyncpg.SerializationError  # raised when a fenced write found its row changed
@@ -117,13 +117,13 @@ def _columns(rows: Sequence[dict[str, Any]], names: Sequence[str]) -> list[list[
 
 
 def _pending(first: int) -> str:
-    """Pending jobs of a kind of session in claim order; parameters from ``$first``: workspace,
-    types, repo ids, limit."""
+    """`jobs.pending_query` with parameters from ``$first``: workspace, types, repo ids, limit."""
     ws, types, repos, limit = (f"${first + i}" for i in range(4))
-    return (
-        f"SELECT * FROM jobs WHERE workspace_id = {ws}::text AND status = '{JobStatus.PENDING.value}'"
-        f" AND type = ANY({types}::text[]) AND (repo_id = '' OR repo_id = ANY({repos}::text[]))"
-        f" ORDER BY priority, id LIMIT {limit}::int"
+    return pending_query(
+        workspace=f"{ws}::text",
+        type_in=f"= ANY({types}::text[])",
+        repo_in=f"= ANY({repos}::text[])",
+        limit=f"{limit}::int",
     )
 
 

@@ -19,7 +19,7 @@ from typing import Any, Final
 from control_plane.domain.jobs import Job, JobStatus
 from control_plane.store import codec
 from control_plane.store.events import Draft, event_row
-from control_plane.store.jobs import SAVED_COLUMNS
+from control_plane.store.jobs import SAVED_COLUMNS, pending_query
 from control_plane.store.tables import JobRow
 
 _jobs = JobRow.__table__  # type: ignore[attr-defined]
@@ -73,11 +73,11 @@ def outcome_view(
     }
     pending = []
     for workspace_id, types, repo_ids, limit in claims:
-        repos = f" OR repo_id IN ({', '.join('?' for _ in repo_ids)})" if repo_ids else ""
-        query = (
-            f"SELECT * FROM jobs WHERE workspace_id = ? AND status = '{JobStatus.PENDING.value}'"
-            f" AND type IN ({', '.join('?' for _ in types)}) AND (repo_id = ''{repos})"
-            " ORDER BY priority, id LIMIT ?"
+        query = pending_query(
+            workspace="?",
+            type_in=f"IN ({', '.join('?' for _ in types)})",
+            repo_in=f"IN ({', '.join('?' for _ in repo_ids)})" if repo_ids else "",
+            limit="?",
         )
         rows = conn.execute(query, [workspace_id, *types, *repo_ids, limit])
         pending.append([_job(row) for row in rows])

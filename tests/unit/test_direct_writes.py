@@ -133,6 +133,46 @@ async def test_submissions_and_outcomes_through_the_queue_keep_the_log_gap_free(
     assert {e.kind for e in events} == {EventKind.JOB_SUBMITTED}
 
 
+async def test_every_connection_picks_the_same_pending_jobs_in_the_same_order(db: Database) -> None:
+    now = datetime(2026, 11, 24, 16, 0, tzinfo=UTC)
+    mix = [
+        # (type, repo, priority, status)
+        ("noop", "", 5, JobStatus.PENDING),
+        ("install_ias", "repo-a", 1, JobStatus.PENDING),
+        ("install_ias", "repo-b", 0, JobStatus.PENDING),
+        ("noop", "repo-a", 5, JobStatus.PENDING),
+        ("noop", "", 0, JobStatus.RUNNING),
+        ("review", "", 3, JobStatus.PENDING),
+        ("noop", "", 5, JobStatus.PENDING),
+    ]
+    jobs = [
+        replace(_job(n, now), type=t, repo_id=repo, priority=prio, status=status)
+        for n, (t, repo, prio, status) in enumerate(mix)
+    ]
+    await _direct_write(db, inserts=jobs, saves=[], drafts={}, now=now)
+    kinds = [
+        (WS, ["noop"], [], 10),
+        (WS, ["noop", "install_ias"], ["repo-a"], 10),
+        (WS, ["install_ias", "review", "noop"], ["repo-a", "repo-b"], 3),
+        ("elsewhere", ["noop"], [], 10),
+    ]
+    expected = [
+        ["job_0000", "job_0006"],
+        ["job_0001", "job_0000", "job_0003", "job_0006"],
+        ["job_0002", "job_0001", "job_0005"],
+        [],
+    ]
+    _, direct = await _direct_view(db, [], kinds)
+    assert [[j.id for j in pending] for pending in direct] == expected
+    async with db.write() as conn:
+        claimed = [
+            await jobs_store.claimable(conn, workspace_id=ws, types=types, repo_ids=repos, limit=n)
+            for ws, types, repos, n in kinds
+        ]
+    assert [[j.id for j in pending] for pending in claimed] == expected
+    assert claimed[0][0] == jobs[0]
+
+
 async def _direct_write(
     db: Database,
     *,
@@ -151,10 +191,12 @@ async def _direct_write(
         )
 
 
-async def _direct_view(db: Database, ids: list[str]) -> tuple[dict[str, Job], list[list[Job]]]:
+async def _direct_view(
+    db: Database, ids: list[str], claims: list[pg_direct.Claim] | None = None
+) -> tuple[dict[str, Job], list[list[Job]]]:
     if db.is_sqlite:
         async with db.direct_sqlite() as lite:
-            return sqlite_direct.outcome_view(lite, job_ids=ids, claims=[])
+            return sqlite_direct.outcome_view(lite, job_ids=ids, claims=claims or [])
     async with db.write() as conn:
         raw: asyncpg.Connection = await driver(conn)
-        return await pg_direct.outcome_view(raw, job_ids=ids, claims=[])
+        return await pg_direct.outcome_view(raw, job_ids=ids, claims=claims or [])

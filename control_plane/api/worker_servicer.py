@@ -166,7 +166,9 @@ class WorkerServicer(wpb_grpc.WorkerServiceServicer):
             if held.job_id not in kept:
                 revoke(session, held.job_id, held.lease_epoch, "not_adopted")
         log.info("worker %s connected (session %s, %d job(s) adopted)", worker.name, session_id, len(adopted))
-        self._dispatcher.wake()
+        # New free slots, not new jobs: a claim only if jobs may wait for this kind of session. A
+        # fleet reconnecting after a restart would otherwise make every connect a full round.
+        self._dispatcher.slot_freed(session)
         return session
 
     async def _close(self, session: Session) -> None:

@@ -272,7 +272,7 @@ class JobQueue:
     def _ended(self, tx: _Tx) -> None:
         """A PostgreSQL transaction ended, committed or not."""
         if tx.quiet and self.peers is not None:
-            self.peers.quiet_done(tx.drafts)
+            self.peers.quiet_done({*tx.drafts, *tx.available})
 
     def _assign(self, tx: _Tx, job: Job, who: Assignee) -> Job:
         """``job`` leased to ``who`` as of this transaction, with its event (the caller saves it)."""
@@ -283,8 +283,14 @@ class JobQueue:
         return running
 
     async def _notify(self, tx: _Tx, channel: str, payload: str) -> None:
-        if not self._db.is_sqlite:
-            await tx.conn.execute(text("SELECT pg_notify(:c, :p)"), {"c": channel, "p": payload})
+        await self._notify_all(tx, channel, [payload])
+
+    async def _notify_all(self, tx: _Tx, channel: str, payloads: Sequence[str]) -> None:
+        if payloads and not self._db.is_sqlite:
+            await tx.conn.execute(
+                text("SELECT count(pg_notify(:c, p)) FROM unnest(CAST(:ps AS text[])) AS p"),
+                {"c": channel, "ps": list(payloads)},
+            )
 
     # -- submissions and reads -------------------------------------------------------------
 
@@ -701,29 +707,60 @@ class JobQueue:
     async def _connect_workers(
         self, hellos: Sequence[_Connect]
     ) -> list[tuple[Worker, list[Job]] | Exception]:
+        """Record a batch of hellos in one transaction, a few statements for the whole batch.
+
+        A worker named twice in the batch (a reconnect racing its own earlier hello) is recorded
+        once per round, in arrival order, so the later session is the one that stays.
+        """
         answers: list[tuple[Worker, list[Job]] | Exception] = []
         async with self._write() as tx:
-            for hello in hellos:
-                answers.append(await self._connect_one(tx, hello))
+            rounds: list[list[int]] = []
+            seen: dict[tuple[str, str], int] = {}
+            for i, hello in enumerate(hellos):
+                key = (hello.workspace_id, hello.name)
+                turn = seen[key] = seen.get(key, -1) + 1
+                if turn == len(rounds):
+                    rounds.append([])
+                rounds[turn].append(i)
+            connected: dict[int, tuple[Worker, list[Job]]] = {}
+            for indices in rounds:
+                batch = [hellos[i] for i in indices]
+                workers = await workers_store.connect(
+                    tx.conn,
+                    starts=[
+                        workers_store.SessionStart(
+                            workspace_id=h.workspace_id,
+                            name=h.name,
+                            capabilities=h.capabilities,
+                            repo_ids=h.repo_ids,
+                            slots=h.slots,
+                            version=h.version,
+                            session_id=h.session_id,
+                        )
+                        for h in batch
+                    ],
+                    new_id=lambda: new_id("wrk"),
+                    replica_id=self._settings.replica_id,
+                    now=tx.now,
+                )
+                held = await jobs_store.held_by_workers(tx.conn, worker_ids=[w.id for w in workers])
+                for i, hello, worker in zip(indices, batch, workers, strict=True):
+                    adopted = await self._adopt(tx, hello, held.get(worker.id, []))
+                    tx.add(hello.workspace_id, Draft(EventKind.WORKER_CONNECTED, worker=worker))
+                    connected[i] = (worker, adopted)
+            answers.extend(connected[i] for i in range(len(hellos)))
+            await self._notify_all(
+                tx,
+                SESSIONS_CHANNEL,
+                [f"{worker.id}:{hellos[i].session_id}" for i, (worker, _) in connected.items()],
+            )
         return answers
 
-    async def _connect_one(self, tx: _Tx, hello: _Connect) -> tuple[Worker, list[Job]]:
+    async def _adopt(self, tx: _Tx, hello: _Connect, held: Sequence[Job]) -> list[Job]:
+        """The jobs a reconnecting worker still runs, with its new session; the rest requeued."""
         held_epochs = {h.job_id: h.lease_epoch for h in hello.held}
-        worker = await workers_store.connect(
-            tx.conn,
-            worker_id=new_id("wrk"),
-            workspace_id=hello.workspace_id,
-            name=hello.name,
-            capabilities=hello.capabilities,
-            repo_ids=hello.repo_ids,
-            slots=hello.slots,
-            version=hello.version,
-            session_id=hello.session_id,
-            replica_id=self._settings.replica_id,
-            now=tx.now,
-        )
         adopted = []
-        for job in await jobs_store.held_by_worker(tx.conn, worker_id=worker.id):
+        for job in held:
             if held_epochs.get(job.id) == job.lease_epoch:
                 kept = replace(
                     job,
@@ -737,9 +774,7 @@ class JobQueue:
                 adopted.append(kept)
             else:
                 await self._requeue(tx, job, "worker_restarted")
-        tx.add(hello.workspace_id, Draft(EventKind.WORKER_CONNECTED, worker=worker))
-        await self._notify(tx, SESSIONS_CHANNEL, f"{worker.id}:{hello.session_id}")
-        return worker, adopted
+        return adopted
 
     async def set_worker_status(
         self, *, worker_id: str, session_id: str, status: WorkerStatus, reason: str = ""

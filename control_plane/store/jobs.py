@@ -190,14 +190,19 @@ async def orphaned(conn: AsyncConnection, *, now: datetime, grace: timedelta, li
     return [codec.job_from_row(row) for row in (await conn.execute(query)).mappings()]
 
 
-async def held_by_worker(conn: AsyncConnection, *, worker_id: str) -> list[Job]:
+async def held_by_workers(conn: AsyncConnection, *, worker_ids: Sequence[str]) -> dict[str, list[Job]]:
+    """The running jobs of each worker, locked, in id order."""
     query = (
         select(_jobs)
-        .where(_jobs.c.worker_id == worker_id, _jobs.c.status == JobStatus.RUNNING.value)
+        .where(_jobs.c.worker_id.in_(list(worker_ids)), _jobs.c.status == JobStatus.RUNNING.value)
         .order_by(_jobs.c.id)
         .with_for_update()
     )
-    return [codec.job_from_row(row) for row in (await conn.execute(query)).mappings()]
+    held: dict[str, list[Job]] = {}
+    for row in (await conn.execute(query)).mappings():
+        job = codec.job_from_row(row)
+        held.setdefault(job.worker_id, []).append(job)
+    return held
 
 
 async def renew(

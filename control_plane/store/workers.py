@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import bindparam, delete, func, insert, or_, select, update
@@ -20,46 +21,94 @@ _keys = SigningKeyRow.__table__  # type: ignore[attr-defined]
 _jobs = JobRow.__table__  # type: ignore[attr-defined]
 
 
+@dataclass(frozen=True, slots=True)
+class SessionStart:
+    """A worker's hello, as its row records it."""
+
+    workspace_id: str
+    name: str
+    capabilities: Sequence[str]
+    repo_ids: Sequence[str]
+    slots: int
+    version: str
+    session_id: str
+
+
 async def connect(
     conn: AsyncConnection,
     *,
-    worker_id: str,
-    workspace_id: str,
-    name: str,
-    capabilities: Sequence[str],
-    repo_ids: Sequence[str],
-    slots: int,
-    version: str,
-    session_id: str,
+    starts: Sequence[SessionStart],
+    new_id: Callable[[], str],
     replica_id: str,
     now: datetime,
-) -> Worker:
-    """Record a new session for the worker named ``name`` (creating it on first connect)."""
-    values = {
-        "status": WorkerStatus.ONLINE.value,
-        "capabilities": json.dumps(sorted(capabilities)),
-        "repo_ids": json.dumps(sorted(repo_ids)),
-        "slots": slots,
-        "version": version,
-        "session_id": session_id,
-        "replica_id": replica_id,
-        "connected_at": now,
-        "disconnected_at": None,
-    }
-    existing = await conn.execute(
-        select(_workers.c.id)
-        .where(_workers.c.workspace_id == workspace_id, _workers.c.name == name)
-        .with_for_update()
-    )
-    row = existing.first()
-    if row is None:
-        await conn.execute(
-            insert(_workers).values(id=worker_id, workspace_id=workspace_id, name=name, **values)
+) -> list[Worker]:
+    """Record a new session for each worker named (creating it on first connect), in order.
+
+    No worker may be named twice (the caller splits such a batch). Whatever the batch size: one
+    read that locks the existing rows, one insert and one update (each for many rows), one read
+    back. A fleet reconnecting after a restart arrives in large batches.
+    """
+    existing: dict[tuple[str, str], str] = {}
+    for workspace_id in sorted({s.workspace_id for s in starts}):
+        names = sorted({s.name for s in starts if s.workspace_id == workspace_id})
+        query = (
+            select(_workers.c.id, _workers.c.name)
+            .where(_workers.c.workspace_id == workspace_id, _workers.c.name.in_(names))
+            .order_by(_workers.c.id)
+            .with_for_update()
         )
-    else:
-        worker_id = row[0]
-        await conn.execute(update(_workers).where(_workers.c.id == worker_id).values(**values))
-    return await get(conn, worker_id=worker_id)
+        for worker_id, name in (await conn.execute(query)).all():
+            existing[(workspace_id, name)] = worker_id
+    ids: list[str] = []
+    inserts: list[dict[str, object]] = []
+    updates: list[dict[str, object]] = []
+    for start in starts:
+        values = {
+            "status": WorkerStatus.ONLINE.value,
+            "capabilities": json.dumps(sorted(start.capabilities)),
+            "repo_ids": json.dumps(sorted(start.repo_ids)),
+            "slots": start.slots,
+            "version": start.version,
+            "session_id": start.session_id,
+            "replica_id": replica_id,
+            "connected_at": now,
+            "disconnected_at": None,
+        }
+        worker_id = existing.get((start.workspace_id, start.name))
+        if worker_id is None:
+            worker_id = new_id()
+            inserts.append(
+                {"id": worker_id, "workspace_id": start.workspace_id, "name": start.name, **values}
+            )
+        else:
+            updates.append({"w_id": worker_id, **{f"v_{k}": v for k, v in values.items()}})
+        ids.append(worker_id)
+    if inserts:
+        await conn.execute(insert(_workers), inserts)
+    if updates:
+        await conn.execute(_RECONNECT, updates)
+    rows = (await conn.execute(select(_workers).where(_workers.c.id.in_(ids)))).mappings().all()
+    by_id = {row["id"]: codec.worker_from_row(row) for row in rows}
+    return [by_id[worker_id] for worker_id in ids]
+
+
+# The columns a new session sets (the values `connect` builds).
+_CONNECTED = (
+    "status",
+    "capabilities",
+    "repo_ids",
+    "slots",
+    "version",
+    "session_id",
+    "replica_id",
+    "connected_at",
+    "disconnected_at",
+)
+_RECONNECT = (
+    update(_workers)
+    .where(_workers.c.id == bindparam("w_id"))
+    .values({column: bindparam(f"v_{column}") for column in _CONNECTED})
+)
 
 
 async def get(conn: AsyncConnection, *, worker_id: str) -> Worker:

@@ -22,22 +22,15 @@ from control_plane.store.db import Database
 WS = "default"
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'ias.db'}"
-    return str(request.getfixturevalue("pg_url"))
-
-
 @pytest.fixture
-async def queue(db_url: str) -> AsyncIterator[JobQueue]:
+async def queue(database_url: str) -> AsyncIterator[JobQueue]:
     async def no_events(_workspace_id: str, _after: int) -> list[Event]:
         return []
 
     async def no_seq(_workspace_id: str) -> int:
         return 0
 
-    database = Database(url=db_url)
+    database = Database(url=database_url)
     await database.migrate()
     q = JobQueue(
         db=database,

@@ -28,16 +28,9 @@ from control_plane.store.tables import JobRow
 WS = "default"
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'ias.db'}"
-    return str(request.getfixturevalue("pg_url"))
-
-
 @pytest.fixture
-async def db(db_url: str) -> AsyncIterator[Database]:
-    database = Database(url=db_url)
+async def db(database_url: str) -> AsyncIterator[Database]:
+    database = Database(url=database_url)
     await database.migrate()
     await _queue(database).ensure_workspace(WS)
     yield database
@@ -150,7 +143,7 @@ async def test_every_connection_picks_the_same_pending_jobs_in_the_same_order(db
         for n, (t, repo, prio, status) in enumerate(mix)
     ]
     await _direct_write(db, inserts=jobs, saves=[], drafts={}, now=now)
-    kinds = [
+    kinds: list[pg_direct.Claim] = [
         (WS, ["noop"], [], 10),
         (WS, ["noop", "install_ias"], ["repo-a"], 10),
         (WS, ["install_ias", "review", "noop"], ["repo-a", "repo-b"], 3),

@@ -131,14 +131,8 @@ class _StatusChange:
 class _Connect:
     """A worker's hello, waiting for its group commit."""
 
-    workspace_id: str
-    name: str
-    capabilities: tuple[str, ...]
-    repo_ids: tuple[str, ...]
-    slots: int
-    version: str
+    start: workers_store.SessionStart
     held: tuple[HeldLease, ...]
-    session_id: str
 
 
 @dataclass(slots=True)
@@ -693,14 +687,16 @@ class JobQueue:
         """
         return await self._connects(
             _Connect(
-                workspace_id=workspace_id,
-                name=name,
-                capabilities=tuple(capabilities),
-                repo_ids=tuple(repo_ids),
-                slots=slots,
-                version=version,
+                start=workers_store.SessionStart(
+                    workspace_id=workspace_id,
+                    name=name,
+                    capabilities=tuple(capabilities),
+                    repo_ids=tuple(repo_ids),
+                    slots=slots,
+                    version=version,
+                    session_id=session_id,
+                ),
                 held=tuple(held),
-                session_id=session_id,
             )
         )
 
@@ -717,7 +713,7 @@ class JobQueue:
             rounds: list[list[int]] = []
             seen: dict[tuple[str, str], int] = {}
             for i, hello in enumerate(hellos):
-                key = (hello.workspace_id, hello.name)
+                key = (hello.start.workspace_id, hello.start.name)
                 turn = seen[key] = seen.get(key, -1) + 1
                 if turn == len(rounds):
                     rounds.append([])
@@ -727,18 +723,7 @@ class JobQueue:
                 batch = [hellos[i] for i in indices]
                 workers = await workers_store.connect(
                     tx.conn,
-                    starts=[
-                        workers_store.SessionStart(
-                            workspace_id=h.workspace_id,
-                            name=h.name,
-                            capabilities=h.capabilities,
-                            repo_ids=h.repo_ids,
-                            slots=h.slots,
-                            version=h.version,
-                            session_id=h.session_id,
-                        )
-                        for h in batch
-                    ],
+                    starts=[h.start for h in batch],
                     new_id=lambda: new_id("wrk"),
                     replica_id=self._settings.replica_id,
                     now=tx.now,
@@ -746,13 +731,13 @@ class JobQueue:
                 held = await jobs_store.held_by_workers(tx.conn, worker_ids=[w.id for w in workers])
                 for i, hello, worker in zip(indices, batch, workers, strict=True):
                     adopted = await self._adopt(tx, hello, held.get(worker.id, []))
-                    tx.add(hello.workspace_id, Draft(EventKind.WORKER_CONNECTED, worker=worker))
+                    tx.add(hello.start.workspace_id, Draft(EventKind.WORKER_CONNECTED, worker=worker))
                     connected[i] = (worker, adopted)
             answers.extend(connected[i] for i in range(len(hellos)))
             await self._notify_all(
                 tx,
                 SESSIONS_CHANNEL,
-                [f"{worker.id}:{hellos[i].session_id}" for i, (worker, _) in connected.items()],
+                [f"{worker.id}:{hellos[i].start.session_id}" for i, (worker, _) in connected.items()],
             )
         return answers
 
@@ -764,7 +749,7 @@ class JobQueue:
             if held_epochs.get(job.id) == job.lease_epoch:
                 kept = replace(
                     job,
-                    session_id=hello.session_id,
+                    session_id=hello.start.session_id,
                     lease_expires_at=tx.now + self._settings.lease_ttl,
                     updated_at=tx.now,
                 )
@@ -811,19 +796,12 @@ class JobQueue:
         are live.
         """
         replica_id = self._settings.replica_id
-        peers = self.peers
-        mark = peers.mark() if peers is not None else 0
-        others = 0
         async with self._write() as tx:
             if await workers_store.touch_replica(tx.conn, replica_id=replica_id, now=tx.now):
                 await self._notify(tx, REPLICAS_CHANNEL, replica_id)
-            if peers is not None:
-                others = await workers_store.other_replicas(
-                    tx.conn, replica_id=replica_id, since=tx.now - self._settings.reconnect_grace
-                )
             await self._reclaim_stranded(tx, live)
-        if peers is not None:
-            peers.observed(mark, others=others)
+        if self.peers is not None:
+            await self.peers.look()
 
     async def leave(self) -> None:
         """This replica stops: its row goes (its sessions have recorded themselves offline)."""

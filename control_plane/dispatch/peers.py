@@ -73,7 +73,7 @@ class Peers:
         self._listening = connected
         self.company()
         if connected:
-            self._spawn(self._look(), "peer count")
+            self._spawn(self.look(), "peer count")
 
     def company(self) -> None:
         """Another replica may be listening (announced, seen, or our LISTEN was interrupted)."""
@@ -108,11 +108,12 @@ class Peers:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _look(self) -> None:
+    async def look(self) -> None:
+        """Count the other live replicas, and conclude from the count (`observed`)."""
         mark = self.mark()
         try:
             others = await self._count_others()
-        except Exception as exc:  # the next touch of the replica row looks again
+        except Exception as exc:  # the next proof of life looks again
             log.warning("could not count the other replicas: %s", exc)
             return
         self.observed(mark, others=others)

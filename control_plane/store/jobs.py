@@ -130,8 +130,11 @@ async def claimable(
     if repo_ids:
         query = query.bindparams(bindparam("repo_ids", expanding=True))
         params["repo_ids"] = list(repo_ids)
-    typed = query.columns(**{c.name: c.type for c in _jobs.columns})  # read back by name, as stored
+    typed = query.columns(**_JOB_TYPES)  # read back by name, as stored
     return [codec.job_from_row(row) for row in (await conn.execute(typed, params)).mappings()]
+
+
+_JOB_TYPES = {c.name: c.type for c in _jobs.columns}
 
 
 def pending_query(*, workspace: str, type_in: str, repo_in: str, limit: str) -> str:

@@ -61,9 +61,9 @@ async def connect(
             existing[(workspace_id, name)] = worker_id
     ids: list[str] = []
     inserts: list[dict[str, object]] = []
-    updates: list[dict[str, object]] = []
+    updates: list[tuple[str, dict[str, object]]] = []
     for start in starts:
-        values = {
+        values: dict[str, object] = {
             "status": WorkerStatus.ONLINE.value,
             "capabilities": json.dumps(sorted(start.capabilities)),
             "repo_ids": json.dumps(sorted(start.repo_ids)),
@@ -81,34 +81,21 @@ async def connect(
                 {"id": worker_id, "workspace_id": start.workspace_id, "name": start.name, **values}
             )
         else:
-            updates.append({"w_id": worker_id, **{f"v_{k}": v for k, v in values.items()}})
+            updates.append((worker_id, values))
         ids.append(worker_id)
     if inserts:
         await conn.execute(insert(_workers), inserts)
     if updates:
-        await conn.execute(_RECONNECT, updates)
+        statement = (
+            update(_workers)
+            .where(_workers.c.id == bindparam("w_id"))
+            .values({column: bindparam(f"v_{column}") for column in updates[0][1]})
+        )
+        params = [{"w_id": i, **{f"v_{k}": v for k, v in values.items()}} for i, values in updates]
+        await conn.execute(statement, params)
     rows = (await conn.execute(select(_workers).where(_workers.c.id.in_(ids)))).mappings().all()
     by_id = {row["id"]: codec.worker_from_row(row) for row in rows}
     return [by_id[worker_id] for worker_id in ids]
-
-
-# The columns a new session sets (the values `connect` builds).
-_CONNECTED = (
-    "status",
-    "capabilities",
-    "repo_ids",
-    "slots",
-    "version",
-    "session_id",
-    "replica_id",
-    "connected_at",
-    "disconnected_at",
-)
-_RECONNECT = (
-    update(_workers)
-    .where(_workers.c.id == bindparam("w_id"))
-    .values({column: bindparam(f"v_{column}") for column in _CONNECTED})
-)
 
 
 async def get(conn: AsyncConnection, *, worker_id: str) -> Worker:

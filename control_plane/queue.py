@@ -7,7 +7,7 @@ import json
 import logging
 import sqlite3
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -34,6 +34,7 @@ from control_plane.store import pg_direct, sqlite_direct
 from control_plane.store import workers as workers_store
 from control_plane.store.db import Database, driver, driver_sqlite
 from control_plane.store.events import Draft
+from control_plane.store.pg_direct import Claim
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ MAX_PAYLOAD_BYTES = 256 * 1024
 SESSIONS_CHANNEL = "ias_sessions"
 CANCEL_CHANNEL = "ias_cancel"
 _SWEEP_BATCH = 500
+CLAIM_READS = 3  # reads of one claim at most, when other claims took the jobs it found
 
 
 def utcnow() -> datetime:
@@ -154,6 +156,7 @@ class _Tx:
     # Run the moment the commit is known, before anything else the transaction's end does.
     on_commit: list[Callable[[], None]] = field(default_factory=list)
     quiet: bool = False  # written without notifications (see dispatch.peers)
+    claiming: list[str] = field(default_factory=list)  # pending jobs it read to claim (_take_pending)
 
     @property
     def conn(self) -> AsyncConnection:
@@ -185,6 +188,8 @@ class JobQueue:
         self.direct: DirectDispatch | None = None
         # PostgreSQL: whether commits must notify other replicas (None: always).
         self.peers: Peers | None = None
+        # Pending jobs that a transaction of this replica read to claim and has not ended yet.
+        self._claiming: set[str] = set()
         self._submits: GroupCommit[Job, Job] = GroupCommit(self._insert_jobs)
         self._outcomes: GroupCommit[_Outcome, tuple[Job, bool, Job | None]] = GroupCommit(
             self._record_outcomes
@@ -204,10 +209,15 @@ class JobQueue:
         write connection under the write lock); the body reads through ``tx.direct`` or
         ``tx.lite``, if at all."""
         if direct and self._db.is_sqlite:
-            async with self._db.direct_sqlite() as lite:
-                tx = _Tx(sql=None, lite=lite, now=self._clock())
-                yield tx
-                published = await self._flush_sqlite(tx, lite)
+            began: _Tx | None = None
+            try:
+                async with self._db.direct_sqlite() as lite:
+                    tx = began = _Tx(sql=None, lite=lite, now=self._clock())
+                    yield tx
+                    published = await self._flush_sqlite(tx, lite)
+            finally:
+                if began is not None:
+                    self._ended(began)
             _run_all(tx.on_commit)
         elif direct:
             async with self._db.direct() as raw:
@@ -221,7 +231,7 @@ class JobQueue:
                 # back to its pool (a few turns of the event loop).
                 _run_all(tx.on_commit)
         else:
-            began: _Tx | None = None
+            began = None
             try:
                 async with self._db.write() as conn:
                     tx = began = _Tx(sql=conn, now=self._clock())
@@ -264,7 +274,8 @@ class JobQueue:
         return _numbered(tx, last)
 
     def _ended(self, tx: _Tx) -> None:
-        """A PostgreSQL transaction ended, committed or not."""
+        """A transaction ended, committed or not."""
+        self._claiming.difference_update(tx.claiming)
         if tx.quiet and self.peers is not None:
             self.peers.quiet_done({*tx.drafts, *tx.available})
 
@@ -405,20 +416,94 @@ class JobQueue:
         pick: Callable[[int], Sequence[Assignee]],
     ) -> list[tuple[Job, Assignee]]:
         """Atomically take up to ``slots`` pending jobs in priority order; ``pick(n)`` names the
-        sessions for the ``n`` found (so an empty queue costs nothing per free session)."""
+        sessions for the ``n`` found (so an empty queue costs nothing per free session).
+
+        Like outcomes (see `_record_outcomes`): one unlocked read and one fenced write, straight to
+        the driver; if another replica claimed one of the jobs meanwhile, again under row locks.
+        """
+        claim = (workspace_id, types, repo_ids, slots)
+        try:
+            async with self._write(direct=True) as tx:
+                _, (pending,) = await self._named_and_pending(tx, job_ids=(), claims=[claim])
+                return self._claimed(tx, pending, pick)
+        except pg_direct.Fenced:
+            log.info("a claim raced with another write; claiming again under row locks")
         async with self._write() as tx:
-            pending = await jobs_store.claimable(
-                tx.conn, workspace_id=workspace_id, types=types, repo_ids=repo_ids, limit=slots
-            )
-            assignees = pick(len(pending)) if pending else []
-            claimed = [
-                (self._assign(tx, job, who), who) for job, who in zip(pending, assignees, strict=False)
-            ]
-            # The rows are locked by `claimable` (or by SQLite's write lock).
-            tx.saves += [
-                (new, old.status, old.lease_epoch) for old, (new, _) in zip(pending, claimed, strict=False)
-            ]
+            (locked,) = await self._claimable(tx, [claim])
+            return self._claimed(tx, locked, pick)
+
+    def _claimed(
+        self, tx: _Tx, pending: Sequence[Job], pick: Callable[[int], Sequence[Assignee]]
+    ) -> list[tuple[Job, Assignee]]:
+        assignees = pick(len(pending)) if pending else []
+        claimed = [(self._assign(tx, job, who), who) for job, who in zip(pending, assignees, strict=False)]
+        tx.saves += [
+            (new, old.status, old.lease_epoch) for old, (new, _) in zip(pending, claimed, strict=False)
+        ]
         return claimed
+
+    async def _named_and_pending(
+        self, tx: _Tx, *, job_ids: Sequence[str], claims: Sequence[Claim]
+    ) -> tuple[dict[str, Job], list[list[Job]]]:
+        """Without locks (`store.pg_direct`), or under SQLite's write lock: the jobs named, and
+        for each claim the pending jobs it takes (see `_take_pending`)."""
+        named: dict[str, Job] = {}
+
+        async def read(wider: Sequence[Claim]) -> list[list[Job]]:
+            nonlocal named
+            if tx.lite is not None:
+                named, found = sqlite_direct.named_and_pending(tx.lite, job_ids=job_ids, claims=wider)
+            else:
+                assert tx.direct is not None
+                named, found = await pg_direct.named_and_pending(tx.direct, job_ids=job_ids, claims=wider)
+            return found
+
+        pending = await self._take_pending(tx, claims, read)
+        return named, pending
+
+    async def _claimable(self, tx: _Tx, claims: Sequence[Claim]) -> list[list[Job]]:
+        """Under row locks, skipping rows other transactions hold: the pending jobs each claim takes."""
+
+        async def read(wider: Sequence[Claim]) -> list[list[Job]]:
+            return [
+                await jobs_store.claimable(tx.conn, workspace_id=ws, types=types, repo_ids=repos, limit=n)
+                for ws, types, repos, n in wider
+            ]
+
+        return await self._take_pending(tx, claims, read)
+
+    async def _take_pending(
+        self, tx: _Tx, claims: Sequence[Claim], read: Callable[[Sequence[Claim]], Awaitable[list[list[Job]]]]
+    ) -> list[list[Job]]:
+        """For each claim, the first pending jobs that no other transaction of this replica is
+        claiming (and no earlier claim of this one), marked as this transaction's until it ends.
+
+        The dispatcher's claims and the refills of outcome batches run side by side and read
+        without locks. Without the marks both would pick the same first pending job, and one of
+        the two fenced writes would fail and be redone under row locks: at full load a third of
+        the outcome batches did. A read asks for as many more jobs as are marked. Reads in flight
+        together cannot see each other's marks; when the marks hid so many jobs that the read
+        may have missed some, it is made again (bounded).
+        """
+        demand = sum(n for *_, n in claims)  # claims of one read may want the same jobs
+        for attempt in range(CLAIM_READS):
+            extra = len(self._claiming) + demand
+            wider = [(ws, types, repos, extra) for ws, types, repos, _ in claims]
+            found = await read(wider)
+            taken: list[list[Job]] = []
+            ids: set[str] = set()
+            short = False
+            for jobs, (*_, n), (*_, asked) in zip(found, claims, wider, strict=True):
+                free = [job for job in jobs if job.id not in self._claiming and job.id not in ids][:n]
+                short = short or (len(free) < n and len(jobs) == asked)
+                ids.update(job.id for job in free)
+                taken.append(free)
+            if not short:
+                break
+            log.debug("claim read %d found its jobs taken by other claims; reading again", attempt + 1)
+        self._claiming.update(ids)
+        tx.claiming += ids
+        return taken
 
     async def record_outcome(
         self,
@@ -468,25 +553,18 @@ class JobQueue:
         for outcome in outcomes:
             if outcome.refill is not None:
                 wanted[_kind(outcome)] += 1
-        claims = [(*kind, n) for kind, n in wanted.items()]
+        claims: list[Claim] = [(*kind, n) for kind, n in wanted.items()]
         ids = [o.job_id for o in outcomes]
         try:
             async with self._write(direct=True) as tx:
-                if tx.lite is not None:
-                    jobs, pending = sqlite_direct.outcome_view(tx.lite, job_ids=ids, claims=claims)
-                else:
-                    assert tx.direct is not None
-                    jobs, pending = await pg_direct.outcome_view(tx.direct, job_ids=ids, claims=claims)
+                jobs, pending = await self._named_and_pending(tx, job_ids=ids, claims=claims)
                 answers = self._decide_outcomes(tx, outcomes, jobs, dict(zip(wanted, pending, strict=True)))
             return answers
         except pg_direct.Fenced:
             log.info("outcomes raced with another write; deciding them again under row locks")
         async with self._write() as tx:
             jobs = await jobs_store.get_many(tx.conn, job_ids=ids, lock=True)
-            pending = [
-                await jobs_store.claimable(tx.conn, workspace_id=ws, types=types, repo_ids=repo_ids, limit=n)
-                for ws, types, repo_ids, n in claims
-            ]
+            pending = await self._claimable(tx, claims)
             answers = self._decide_outcomes(tx, outcomes, jobs, dict(zip(wanted, pending, strict=True)))
         return answers
 

@@ -12,7 +12,7 @@ as parameters (one prepared statement, whatever the batch size).
 
 A transaction that read nothing before (a submission) needs no BEGIN or COMMIT at all: the one
 statement is its own transaction, atomic as any statement is. Outcomes go the same way after one
-unlocked read (`outcome_view`): every write is fenced by the status and lease epoch it read, and
+unlocked read (`named_and_pending`): every write is fenced by the status and lease epoch it read, and
 the statement aborts as a whole with a serialization failure (`ias_fence`, migration 0002) if any
 fenced row changed meanwhile; the caller then decides again under row locks.
 """
@@ -134,7 +134,7 @@ _PENDING = _pending(1)
 Claim = tuple[str, Sequence[str], Sequence[str], int]  # workspace, types, repo ids, limit
 
 
-async def outcome_view(
+async def named_and_pending(
     conn: asyncpg.Connection, *, job_ids: Sequence[str], claims: Sequence[Claim]
 ) -> tuple[dict[str, Job], list[list[Job]]]:
     """Without locks: the jobs named, and for each claim the pending jobs a session of that kind

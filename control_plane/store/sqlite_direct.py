@@ -59,18 +59,17 @@ def _values(job: Job, names: Sequence[str]) -> list[Any]:
     return [stored_time(row[n]) if n in _TIMES else row[n] for n in names]
 
 
-def outcome_view(
+def named_and_pending(
     conn: sqlite3.Connection,
     *,
     job_ids: Sequence[str],
     claims: Sequence[tuple[str, Sequence[str], Sequence[str], int]],
 ) -> tuple[dict[str, Job], list[list[Job]]]:
     """The jobs named, and for each (workspace, types, repo ids, limit) the pending jobs a session
-    of that kind takes next, in claim order (see `pg_direct.outcome_view`)."""
+    of that kind takes next, in claim order (see `pg_direct.named_and_pending`)."""
     marks = ", ".join("?" for _ in job_ids)
-    jobs = {
-        job.id: job for job in map(_job, conn.execute(f"SELECT * FROM jobs WHERE id IN ({marks})", job_ids))
-    }
+    named = conn.execute(f"SELECT * FROM jobs WHERE id IN ({marks})", job_ids) if job_ids else ()
+    jobs = {job.id: job for job in map(_job, named)}
     pending = []
     for workspace_id, types, repo_ids, limit in claims:
         query = pending_query(

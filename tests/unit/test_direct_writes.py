@@ -189,7 +189,7 @@ async def _direct_view(
 ) -> tuple[dict[str, Job], list[list[Job]]]:
     if db.is_sqlite:
         async with db.direct_sqlite() as lite:
-            return sqlite_direct.outcome_view(lite, job_ids=ids, claims=claims or [])
+            return sqlite_direct.named_and_pending(lite, job_ids=ids, claims=claims or [])
     async with db.write() as conn:
         raw: asyncpg.Connection = await driver(conn)
-        return await pg_direct.outcome_view(raw, job_ids=ids, claims=claims or [])
+        return await pg_direct.named_and_pending(raw, job_ids=ids, claims=claims or [])

@@ -35,6 +35,7 @@ from control_plane.store import workers as workers_store
 from control_plane.store.db import Database, driver, driver_sqlite
 from control_plane.store.events import Draft
 from control_plane.store.pg_direct import Claim
+from control_plane.store.statistics import Statistics
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +189,7 @@ class JobQueue:
         self.direct: DirectDispatch | None = None
         # PostgreSQL: whether commits must notify other replicas (None: always).
         self.peers: Peers | None = None
+        self._statistics = Statistics()
         # Pending jobs that a transaction of this replica read to claim and has not ended yet.
         self._claiming: set[str] = set()
         self._submits: GroupCommit[Job, Job] = GroupCommit(self._insert_jobs)
@@ -261,6 +263,7 @@ class JobQueue:
         if not (tx.inserts or tx.saves or tx.drafts or tx.available):
             return []
         tx.quiet = self.peers is not None and self.peers.quiet_write()
+        self._statistics.added(len(tx.inserts))
         last = await pg_direct.write(
             raw or await driver(tx.conn),
             inserts=tx.inserts,
@@ -891,6 +894,13 @@ class JobQueue:
         return await self._db.reading(
             partial(workers_store.other_replicas, replica_id=self._settings.replica_id, since=since)
         )
+
+    async def refresh_statistics(self) -> None:
+        """PostgreSQL: analyze the jobs table if it grew enough since (see `store.statistics`)."""
+        if self._db.is_sqlite or not self._statistics.due:
+            return
+        async with self._db.direct() as raw:
+            await self._statistics.refresh(raw)
 
     async def hint_peers(self, workspaces: list[str]) -> None:
         """After quiet writes: where other replicas should look (see `dispatch.peers`)."""

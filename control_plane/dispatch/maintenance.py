@@ -66,6 +66,7 @@ class Maintenance:
                     judge = time.monotonic() - reached_since >= grace
                     if await self._queue.sweep(judge_replicas=judge):
                         self._dispatcher.wake()
+                    await self._queue.refresh_statistics()
                 except BaseException:
                     reached_since = None
                     raise

@@ -178,7 +178,18 @@ class Database:
             if self._direct_pool is None:
                 dsn = make_url(self.url).set(drivername="postgresql").render_as_string(hide_password=False)
                 self._direct_pool = await asyncpg.create_pool(
-                    dsn, min_size=1, max_size=self._pool_size, reset=_rollback_if_open
+                    dsn,
+                    min_size=1,
+                    max_size=self._pool_size,
+                    reset=_rollback_if_open,
+                    # Plan each statement once per connection, not at every execution. Left to
+                    # choose, PostgreSQL planned store.pg_direct's read of named and pending jobs
+                    # anew at every execution once the jobs table had statistics (its plan for the
+                    # two ids bound costs less than the generic plan, which assumes ten), and
+                    # planning costs more than running it. These statements' best plans do not
+                    # depend on the values bound; they follow the table as it grows because
+                    # store.statistics analyzes it, which replaces them.
+                    server_settings={"plan_cache_mode": "force_generic_plan"},
                 )
             return self._direct_pool
 

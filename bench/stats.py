@@ -58,6 +58,7 @@ class CpuUsage:
     """CPU used during a measured interval, in percent of one core (machine: of all cores)."""
 
     server_pct: float
+    loop_pct: float  # the server's main thread, which runs its event loop
     bench_pct: float
     machine_pct: float
 
@@ -66,6 +67,7 @@ class CpuUsage:
 class _Sample:
     wall: float
     server: float
+    loop: float
     bench: float
     machine_busy: float
     machine_total: float
@@ -89,6 +91,7 @@ class CpuMeter:
         total = max(end.machine_total - begin.machine_total, 1e-9)
         return CpuUsage(
             server_pct=100 * (end.server - begin.server) / wall,
+            loop_pct=100 * (end.loop - begin.loop) / wall,
             bench_pct=100 * (end.bench - begin.bench) / wall,
             machine_pct=100 * (end.machine_busy - begin.machine_busy) / total,
         )
@@ -98,16 +101,18 @@ class CpuMeter:
         times = os.times()
         return _Sample(
             wall=time.monotonic(),
-            server=_process_cpu_s(self._server_pid),
+            server=_cpu_s(Path(f"/proc/{self._server_pid}/stat")),
+            loop=_cpu_s(Path(f"/proc/{self._server_pid}/task/{self._server_pid}/stat")),
             bench=times.user + times.system,
             machine_busy=busy,
             machine_total=total,
         )
 
 
-def _process_cpu_s(pid: int) -> float:
+def _cpu_s(stat_path: Path) -> float:
+    """CPU seconds of a process (/proc/PID/stat) or of one of its threads (/proc/PID/task/TID/stat)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        stat = stat_path.read_text()
     except OSError:
         return 0.0
     # The command name may contain spaces; the fields after its closing parenthesis do not.

@@ -483,8 +483,8 @@ class JobQueue:
 
         The dispatcher's claims and the refills of outcome batches run side by side and read
         without locks. Without the marks both would pick the same first pending job, and one of
-        the two fenced writes would fail and be redone under row locks: at full load a third of
-        the outcome batches did. A read asks for as many more jobs as are marked. Reads in flight
+        the two fenced writes would fail and be redone under row locks: at full load a fifth to a
+        third of the outcome batches did. A read asks for as many more jobs as are marked. Reads in flight
         together cannot see each other's marks; when the marks hid so many jobs that the read
         may have missed some, it is made again (bounded).
         """

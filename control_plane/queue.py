@@ -484,9 +484,9 @@ class JobQueue:
         The dispatcher's claims and the refills of outcome batches run side by side and read
         without locks. Without the marks both would pick the same first pending job, and one of
         the two fenced writes would fail and be redone under row locks: at full load a fifth to a
-        third of the outcome batches did. A read asks for as many more jobs as are marked. Reads in flight
-        together cannot see each other's marks; when the marks hid so many jobs that the read
-        may have missed some, it is made again (bounded).
+        third of the outcome batches did. A read asks for as many more jobs as are marked and as
+        its claims want together. Reads in flight together cannot see each other's marks; when
+        the marks hid so many jobs that a read may have missed some, it is made again (bounded).
         """
         demand = sum(n for *_, n in claims)  # claims of one read may want the same jobs
         for attempt in range(CLAIM_READS):

@@ -37,12 +37,13 @@ from control_plane.dispatch.peers import REPLICAS_CHANNEL, Peers
 from control_plane.dispatch.sessions import SessionRegistry
 from control_plane.errors import IasError
 from control_plane.events.hub import EventHub
-from control_plane.queue import CANCEL_CHANNEL, SESSIONS_CHANNEL, JobQueue
+from control_plane.queue import CANCEL_CHANNEL, JobQueue
 from control_plane.store import events as events_store
 from control_plane.store import workers as workers_store
 from control_plane.store.db import Database
 from control_plane.store.events import EVENTS_CHANNEL
 from control_plane.store.jobs import JOBS_CHANNEL, parse_available
+from control_plane.worker_records import SESSIONS_CHANNEL
 
 log = logging.getLogger(__name__)
 

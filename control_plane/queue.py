@@ -5,75 +5,34 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
-from functools import partial
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+from functools import cached_property, partial
 
-import asyncpg
-from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection
 
-from control_plane.config import ServerSettings
-from control_plane.dispatch.peers import REPLICAS_CHANNEL, Peers
 from control_plane.domain import jobs as jobs_domain
 from control_plane.domain.jobs import Job, JobResult, JobStatus
-from control_plane.domain.workers import Event, EventKind, Worker, WorkerStatus
-from control_plane.errors import IasError, InvalidArgument, NotFound, StaleLease
-from control_plane.events.hub import EventHub
+from control_plane.domain.workers import Event, EventKind, Worker
+from control_plane.errors import IasError, InvalidArgument, StaleLease
 from control_plane.group_commit import GroupCommit
 from control_plane.ids import new_id
 from control_plane.store import events as events_store
 from control_plane.store import jobs as jobs_store
-from control_plane.store import pg_direct, sqlite_direct
+from control_plane.store import pg_direct
 from control_plane.store import workers as workers_store
-from control_plane.store.db import Database, driver, driver_sqlite
 from control_plane.store.events import Draft
 from control_plane.store.pg_direct import Claim
-from control_plane.store.statistics import Statistics
+from control_plane.transactions import Assignee, Tx
+from control_plane.worker_records import WorkerRecords
 
 log = logging.getLogger(__name__)
 
 MAX_PAYLOAD_BYTES = 256 * 1024
-SESSIONS_CHANNEL = "ias_sessions"
 CANCEL_CHANNEL = "ias_cancel"
 _SWEEP_BATCH = 500
-CLAIM_READS = 3  # reads of one claim at most, when other claims took the jobs it found
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-@dataclass(frozen=True, slots=True)
-class Assignee:
-    """A worker session with a free slot, as the dispatcher offers it."""
-
-    worker_id: str
-    session_id: str
-
-
-class DirectDispatch(Protocol):
-    """Assigns a job in its submit's transaction when a session can take it at once."""
-
-    def reserve(self, job: Job) -> Assignee | None: ...
-
-    def deliver(self, job: Job) -> None: ...
-
-    def unreserve(self, job: Job) -> None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class HeldLease:
-    """A (job, epoch) a worker says it holds."""
-
-    job_id: str
-    lease_epoch: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,185 +79,16 @@ def _kind(outcome: _Outcome) -> _Kind:
     return (outcome.workspace_id, outcome.refill.types, outcome.refill.repo_ids)
 
 
-@dataclass(frozen=True, slots=True)
-class _StatusChange:
-    """A session going offline or draining, waiting for its group commit."""
-
-    worker_id: str
-    session_id: str
-    status: WorkerStatus
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class _Connect:
-    """A worker's hello, waiting for its group commit."""
-
-    start: workers_store.SessionStart
-    held: tuple[HeldLease, ...]
-
-
-@dataclass(slots=True)
-class _Tx:
-    """A write transaction in the making. Inserts, saves of rows it holds, events and hints are
-    queued and written last, together, by store.pg_direct (one statement) or store.sqlite_direct,
-    whichever connection the transaction runs on."""
-
-    sql: AsyncConnection | None
-    now: datetime
-    direct: asyncpg.Connection | None = None
-    lite: sqlite3.Connection | None = None
-    drafts: dict[str, list[Draft]] = field(default_factory=lambda: defaultdict(list))
-    available: set[str] = field(default_factory=set)
-    inserts: list[Job] = field(default_factory=list)
-    # (job, stored status, stored epoch) of rows this transaction has locked (FOR UPDATE, or
-    # SQLite's write lock) and just read: the fence in the statement cannot fail for them.
-    saves: list[tuple[Job, JobStatus, int]] = field(default_factory=list)
-    # Run the moment the commit is known, before anything else the transaction's end does.
-    on_commit: list[Callable[[], None]] = field(default_factory=list)
-    quiet: bool = False  # written without notifications (see dispatch.peers)
-    claiming: list[str] = field(default_factory=list)  # pending jobs it read to claim (_take_pending)
-
-    @property
-    def conn(self) -> AsyncConnection:
-        assert self.sql is not None, "a direct transaction has no SQLAlchemy connection"
-        return self.sql
-
-    def add(self, workspace_id: str, draft: Draft) -> None:
-        self.drafts[workspace_id].append(draft)
-
-
-class JobQueue:
+class JobQueue(WorkerRecords):
     """Every state change of jobs and workers goes through here."""
 
-    def __init__(
-        self,
-        *,
-        db: Database,
-        hub: EventHub,
-        settings: ServerSettings,
-        on_available: Callable[[str], None] = lambda _ws: None,
-        clock: Callable[[], datetime] = utcnow,
-    ) -> None:
-        self._db = db
-        self._hub = hub
-        self._settings = settings
-        self._on_available = on_available
-        self._clock = clock
-        self._started = clock()
-        self.direct: DirectDispatch | None = None
-        # PostgreSQL: whether commits must notify other replicas (None: always).
-        self.peers: Peers | None = None
-        self._statistics = Statistics()
-        # Pending jobs that a transaction of this replica read to claim and has not ended yet.
-        self._claiming: set[str] = set()
-        self._submits: GroupCommit[Job, Job] = GroupCommit(self._insert_jobs)
-        self._outcomes: GroupCommit[_Outcome, tuple[Job, bool, Job | None]] = GroupCommit(
-            self._record_outcomes
-        )
-        # A fleet reconnecting after a restart, or a replica stopping, changes many workers at once.
-        self._connects: GroupCommit[_Connect, tuple[Worker, list[Job]]] = GroupCommit(self._connect_workers)
-        self._statuses: GroupCommit[_StatusChange, None] = GroupCommit(self._set_statuses, max_batch=256)
+    @cached_property
+    def _submits(self) -> GroupCommit[Job, Job]:
+        return GroupCommit(self._insert_jobs)
 
-    @property
-    def db(self) -> Database:
-        return self._db
-
-    @asynccontextmanager
-    async def _write(self, *, direct: bool = False) -> AsyncIterator[_Tx]:
-        """A write transaction. ``direct``: past SQLAlchemy, on a driver connection (an asyncpg
-        connection with no transaction open, whose one write statement is fenced; or the SQLite
-        write connection under the write lock); the body reads through ``tx.direct`` or
-        ``tx.lite``, if at all."""
-        if direct and self._db.is_sqlite:
-            began: _Tx | None = None
-            try:
-                async with self._db.direct_sqlite() as lite:
-                    tx = began = _Tx(sql=None, lite=lite, now=self._clock())
-                    yield tx
-                    published = await self._flush_sqlite(tx, lite)
-            finally:
-                if began is not None:
-                    self._ended(began)
-            _run_all(tx.on_commit)
-        elif direct:
-            async with self._db.direct() as raw:
-                tx = _Tx(sql=None, direct=raw, now=self._clock())
-                try:
-                    yield tx
-                    published = await self._flush_postgres(tx, raw)
-                finally:
-                    self._ended(tx)
-                # The statement was its own transaction: committed. Before the connection goes
-                # back to its pool (a few turns of the event loop).
-                _run_all(tx.on_commit)
-        else:
-            began = None
-            try:
-                async with self._db.write() as conn:
-                    tx = began = _Tx(sql=conn, now=self._clock())
-                    yield tx
-                    published = await (
-                        self._flush_sqlite(tx) if self._db.is_sqlite else self._flush_postgres(tx)
-                    )
-            finally:
-                if began is not None:
-                    self._ended(began)  # after the commit, or the rollback
-            _run_all(tx.on_commit)
-        self._hub.publish(published)
-        for workspace_id in tx.available:
-            self._on_available(workspace_id)
-
-    async def _flush_sqlite(self, tx: _Tx, lite: sqlite3.Connection | None = None) -> list[Event]:
-        last = sqlite_direct.write(
-            lite or await driver_sqlite(tx.conn),
-            inserts=tx.inserts,
-            saves=tx.saves,
-            drafts=tx.drafts,
-            now=tx.now,
-        )
-        return _numbered(tx, last)
-
-    async def _flush_postgres(self, tx: _Tx, raw: asyncpg.Connection | None = None) -> list[Event]:
-        if not (tx.inserts or tx.saves or tx.drafts or tx.available):
-            return []
-        tx.quiet = self.peers is not None and self.peers.quiet_write()
-        self._statistics.added(len(tx.inserts))
-        last = await pg_direct.write(
-            raw or await driver(tx.conn),
-            inserts=tx.inserts,
-            saves=tx.saves,
-            drafts=tx.drafts,
-            available=sorted(tx.available),
-            replica_id=self._settings.replica_id,
-            now=tx.now,
-            notify=not tx.quiet,
-        )
-        return _numbered(tx, last)
-
-    def _ended(self, tx: _Tx) -> None:
-        """A transaction ended, committed or not."""
-        self._claiming.difference_update(tx.claiming)
-        if tx.quiet and self.peers is not None:
-            self.peers.quiet_done({*tx.drafts, *tx.available})
-
-    def _assign(self, tx: _Tx, job: Job, who: Assignee) -> Job:
-        """``job`` leased to ``who`` as of this transaction, with its event (the caller saves it)."""
-        running = jobs_domain.assign(
-            job, worker_id=who.worker_id, session_id=who.session_id, now=tx.now, ttl=self._settings.lease_ttl
-        )
-        tx.add(job.workspace_id, Draft(EventKind.JOB_ASSIGNED, job=running))
-        return running
-
-    async def _notify(self, tx: _Tx, channel: str, payload: str) -> None:
-        await self._notify_all(tx, channel, [payload])
-
-    async def _notify_all(self, tx: _Tx, channel: str, payloads: Sequence[str]) -> None:
-        if payloads and not self._db.is_sqlite:
-            await tx.conn.execute(
-                text("SELECT count(pg_notify(:c, p)) FROM unnest(CAST(:ps AS text[])) AS p"),
-                {"c": channel, "ps": list(payloads)},
-            )
+    @cached_property
+    def _outcomes(self) -> GroupCommit[_Outcome, tuple[Job, bool, Job | None]]:
+        return GroupCommit(self._record_outcomes)
 
     # -- submissions and reads -------------------------------------------------------------
 
@@ -436,7 +226,7 @@ class JobQueue:
             return self._claimed(tx, locked, pick)
 
     def _claimed(
-        self, tx: _Tx, pending: Sequence[Job], pick: Callable[[int], Sequence[Assignee]]
+        self, tx: Tx, pending: Sequence[Job], pick: Callable[[int], Sequence[Assignee]]
     ) -> list[tuple[Job, Assignee]]:
         assignees = pick(len(pending)) if pending else []
         claimed = [(self._assign(tx, job, who), who) for job, who in zip(pending, assignees, strict=False)]
@@ -444,69 +234,6 @@ class JobQueue:
             (new, old.status, old.lease_epoch) for old, (new, _) in zip(pending, claimed, strict=False)
         ]
         return claimed
-
-    async def _named_and_pending(
-        self, tx: _Tx, *, job_ids: Sequence[str], claims: Sequence[Claim]
-    ) -> tuple[dict[str, Job], list[list[Job]]]:
-        """Without locks (`store.pg_direct`), or under SQLite's write lock: the jobs named, and
-        for each claim the pending jobs it takes (see `_take_pending`)."""
-        named: dict[str, Job] = {}
-
-        async def read(wider: Sequence[Claim]) -> list[list[Job]]:
-            nonlocal named
-            if tx.lite is not None:
-                named, found = sqlite_direct.named_and_pending(tx.lite, job_ids=job_ids, claims=wider)
-            else:
-                assert tx.direct is not None
-                named, found = await pg_direct.named_and_pending(tx.direct, job_ids=job_ids, claims=wider)
-            return found
-
-        pending = await self._take_pending(tx, claims, read)
-        return named, pending
-
-    async def _claimable(self, tx: _Tx, claims: Sequence[Claim]) -> list[list[Job]]:
-        """Under row locks, skipping rows other transactions hold: the pending jobs each claim takes."""
-
-        async def read(wider: Sequence[Claim]) -> list[list[Job]]:
-            return [
-                await jobs_store.claimable(tx.conn, workspace_id=ws, types=types, repo_ids=repos, limit=n)
-                for ws, types, repos, n in wider
-            ]
-
-        return await self._take_pending(tx, claims, read)
-
-    async def _take_pending(
-        self, tx: _Tx, claims: Sequence[Claim], read: Callable[[Sequence[Claim]], Awaitable[list[list[Job]]]]
-    ) -> list[list[Job]]:
-        """For each claim, the first pending jobs that no other transaction of this replica is
-        claiming (and no earlier claim of this one), marked as this transaction's until it ends.
-
-        The dispatcher's claims and the refills of outcome batches run side by side and read
-        without locks. Without the marks both would pick the same first pending job, and one of
-        the two fenced writes would fail and be redone under row locks: at full load a fifth to a
-        third of the outcome batches did. A read asks for as many more jobs as are marked and as
-        its claims want together. Reads in flight together cannot see each other's marks; when
-        the marks hid so many jobs that a read may have missed some, it is made again (bounded).
-        """
-        demand = sum(n for *_, n in claims)  # claims of one read may want the same jobs
-        for attempt in range(CLAIM_READS):
-            extra = len(self._claiming) + demand
-            wider = [(ws, types, repos, extra) for ws, types, repos, _ in claims]
-            found = await read(wider)
-            taken: list[list[Job]] = []
-            ids: set[str] = set()
-            short = False
-            for jobs, (*_, n), (*_, asked) in zip(found, claims, wider, strict=True):
-                free = [job for job in jobs if job.id not in self._claiming and job.id not in ids][:n]
-                short = short or (len(free) < n and len(jobs) == asked)
-                ids.update(job.id for job in free)
-                taken.append(free)
-            if not short:
-                break
-            log.debug("claim read %d found its jobs taken by other claims; reading again", attempt + 1)
-        self._claiming.update(ids)
-        tx.claiming += ids
-        return taken
 
     async def record_outcome(
         self,
@@ -573,7 +300,7 @@ class JobQueue:
 
     def _decide_outcomes(
         self,
-        tx: _Tx,
+        tx: Tx,
         outcomes: Sequence[_Outcome],
         jobs: dict[str, Job],
         pending: dict[_Kind, list[Job]],
@@ -601,7 +328,7 @@ class JobQueue:
 
     def _decide_outcome(
         self,
-        tx: _Tx,
+        tx: Tx,
         outcome: _Outcome,
         jobs: dict[str, Job],
         writes: dict[str, tuple[Job, JobStatus, int]],
@@ -723,229 +450,6 @@ class JobQueue:
                 for job in stale:
                     moved += await self._requeue(tx, job, reason)
         return moved
-
-    async def _requeue(self, tx: _Tx, job: Job, reason: str) -> int:
-        if job.status is not JobStatus.RUNNING:
-            return 0
-        after = jobs_domain.requeue(job, now=tx.now, reason=reason)
-        if not await jobs_store.save(
-            tx.conn, job=after, expect_status=job.status, expect_epoch=job.lease_epoch
-        ):
-            return 0
-        if after.status is JobStatus.PENDING:
-            tx.add(job.workspace_id, Draft(EventKind.JOB_REQUEUED, job=after, reason=reason))
-            tx.available.add(job.workspace_id)
-        else:
-            tx.add(job.workspace_id, Draft(EventKind.JOB_FINISHED, job=after, reason=reason))
-        log.info(
-            "requeued job",
-            extra={
-                "job_id": job.id,
-                "attempt": job.attempt,
-                "lease_epoch": job.lease_epoch,
-                "reason": reason,
-            },
-        )
-        return 1
-
-    # -- worker sessions -------------------------------------------------------------------
-
-    async def connect_worker(
-        self,
-        *,
-        workspace_id: str,
-        name: str,
-        capabilities: Sequence[str],
-        repo_ids: Sequence[str],
-        slots: int,
-        version: str,
-        held: Sequence[HeldLease],
-        session_id: str,
-    ) -> tuple[Worker, list[Job]]:
-        """Start a session: adopt the jobs the worker still runs, requeue the ones it lost.
-
-        Hellos arriving together (a fleet reconnecting after a restart) share one transaction.
-        """
-        return await self._connects(
-            _Connect(
-                start=workers_store.SessionStart(
-                    workspace_id=workspace_id,
-                    name=name,
-                    capabilities=tuple(capabilities),
-                    repo_ids=tuple(repo_ids),
-                    slots=slots,
-                    version=version,
-                    session_id=session_id,
-                ),
-                held=tuple(held),
-            )
-        )
-
-    async def _connect_workers(
-        self, hellos: Sequence[_Connect]
-    ) -> list[tuple[Worker, list[Job]] | Exception]:
-        """Record a batch of hellos in one transaction, a few statements for the whole batch.
-
-        A worker named twice in the batch (a reconnect racing its own earlier hello) is recorded
-        once per round, in arrival order, so the later session is the one that stays.
-        """
-        answers: list[tuple[Worker, list[Job]] | Exception] = []
-        async with self._write() as tx:
-            rounds: list[list[int]] = []
-            seen: dict[tuple[str, str], int] = {}
-            for i, hello in enumerate(hellos):
-                key = (hello.start.workspace_id, hello.start.name)
-                turn = seen[key] = seen.get(key, -1) + 1
-                if turn == len(rounds):
-                    rounds.append([])
-                rounds[turn].append(i)
-            connected: dict[int, tuple[Worker, list[Job]]] = {}
-            for indices in rounds:
-                batch = [hellos[i] for i in indices]
-                workers = await workers_store.connect(
-                    tx.conn,
-                    starts=[h.start for h in batch],
-                    new_id=lambda: new_id("wrk"),
-                    replica_id=self._settings.replica_id,
-                    now=tx.now,
-                )
-                held = await jobs_store.held_by_workers(tx.conn, worker_ids=[w.id for w in workers])
-                for i, hello, worker in zip(indices, batch, workers, strict=True):
-                    adopted = await self._adopt(tx, hello, held.get(worker.id, []))
-                    tx.add(hello.start.workspace_id, Draft(EventKind.WORKER_CONNECTED, worker=worker))
-                    connected[i] = (worker, adopted)
-            answers.extend(connected[i] for i in range(len(hellos)))
-            await self._notify_all(
-                tx,
-                SESSIONS_CHANNEL,
-                [f"{worker.id}:{hellos[i].start.session_id}" for i, (worker, _) in connected.items()],
-            )
-        return answers
-
-    async def _adopt(self, tx: _Tx, hello: _Connect, held: Sequence[Job]) -> list[Job]:
-        """The jobs a reconnecting worker still runs, with its new session; the rest requeued."""
-        held_epochs = {h.job_id: h.lease_epoch for h in hello.held}
-        adopted = []
-        for job in held:
-            if held_epochs.get(job.id) == job.lease_epoch:
-                kept = replace(
-                    job,
-                    session_id=hello.start.session_id,
-                    lease_expires_at=tx.now + self._settings.lease_ttl,
-                    updated_at=tx.now,
-                )
-                await jobs_store.save(
-                    tx.conn, job=kept, expect_status=job.status, expect_epoch=job.lease_epoch
-                )
-                adopted.append(kept)
-            else:
-                await self._requeue(tx, job, "worker_restarted")
-        return adopted
-
-    async def set_worker_status(
-        self, *, worker_id: str, session_id: str, status: WorkerStatus, reason: str = ""
-    ) -> None:
-        """Record that a session went offline or started draining (no-op if it was replaced).
-
-        Changes arriving together (a replica stopping, a network partition) share one transaction.
-        """
-        await self._statuses(
-            _StatusChange(worker_id=worker_id, session_id=session_id, status=status, reason=reason)
-        )
-
-    async def _set_statuses(self, changes: Sequence[_StatusChange]) -> list[Exception | None]:
-        async with self._write() as tx:
-            workers = await workers_store.set_statuses(
-                tx.conn, changes=[(c.worker_id, c.session_id, c.status) for c in changes], now=tx.now
-            )
-            for change, worker in zip(changes, workers, strict=True):
-                if worker is not None:
-                    kind = (
-                        EventKind.WORKER_DISCONNECTED
-                        if change.status is WorkerStatus.OFFLINE
-                        else EventKind.WORKER_CONNECTED
-                    )
-                    tx.add(worker.workspace_id, Draft(kind, worker=worker, reason=change.reason))
-        return [None] * len(changes)
-
-    async def touch_replica(self, *, live: dict[str, tuple[str, bool]] | None = None) -> None:
-        """Prove this replica alive and, if another replica took it for dead meanwhile (it was cut
-        off from the database longer than the grace), mark its live sessions' workers online again.
-
-        ``live`` maps worker id to (session id, draining) for the sessions open on this replica.
-        A row stored anew is announced to the other replicas, and `peers` learns how many others
-        are live.
-        """
-        replica_id = self._settings.replica_id
-        async with self._write() as tx:
-            if await workers_store.touch_replica(tx.conn, replica_id=replica_id, now=tx.now):
-                await self._notify(tx, REPLICAS_CHANNEL, replica_id)
-            await self._reclaim_stranded(tx, live)
-        if self.peers is not None:
-            await self.peers.look()
-
-    async def leave(self) -> None:
-        """This replica stops: its row goes (its sessions have recorded themselves offline)."""
-        async with self._write() as tx:
-            await workers_store.remove_replica(tx.conn, replica_id=self._settings.replica_id)
-
-    async def count_other_replicas(self) -> int:
-        since = self._clock() - self._settings.reconnect_grace
-        return await self._db.reading(
-            partial(workers_store.other_replicas, replica_id=self._settings.replica_id, since=since)
-        )
-
-    async def refresh_statistics(self) -> None:
-        """PostgreSQL: analyze the jobs table if it grew enough since (see `store.statistics`)."""
-        if self._db.is_sqlite or not self._statistics.due:
-            return
-        async with self._db.direct() as raw:
-            await self._statistics.refresh(raw)
-
-    async def hint_peers(self, workspaces: list[str]) -> None:
-        """After quiet writes: where other replicas should look (see `dispatch.peers`)."""
-        async with self._db.direct() as raw:
-            await pg_direct.hint(raw, workspaces=workspaces, replica_id=self._settings.replica_id)
-
-    async def _reclaim_stranded(self, tx: _Tx, live: dict[str, tuple[str, bool]] | None) -> None:
-        if not live:
-            return
-        for worker in await workers_store.reclaim_stranded(
-            tx.conn,
-            replica_id=self._settings.replica_id,
-            live=live,
-            now=tx.now,
-            grace=self._settings.reconnect_grace,
-        ):
-            log.warning("worker %s was taken for stranded while its session lived; online again", worker.name)
-            tx.add(
-                worker.workspace_id, Draft(EventKind.WORKER_CONNECTED, worker=worker, reason="replica_back")
-            )
-
-    async def ensure_workspace(self, workspace_id: str) -> None:
-        async with self._write() as tx:
-            await events_store.ensure_workspace(tx.conn, workspace_id=workspace_id, now=tx.now)
-
-    async def require_workspace(self, workspace_id: str) -> None:
-        if not await self._db.reading(partial(events_store.workspace_exists, workspace_id=workspace_id)):
-            raise NotFound(f"workspace {workspace_id} not found")
-
-
-def _run_all(callbacks: Sequence[Callable[[], None]]) -> None:
-    for callback in callbacks:
-        callback()
-
-
-def _numbered(tx: _Tx, last: dict[str, int]) -> list[Event]:
-    """The transaction's drafts as the events they became, given each workspace's last number."""
-    published: list[Event] = []
-    for workspace_id in sorted(tx.drafts):
-        if workspace_id not in last:
-            raise NotFound(f"workspace {workspace_id} not found")
-        published += events_store.numbered(
-            workspace_id, tx.drafts[workspace_id], last=last[workspace_id], now=tx.now
-        )
-    return published
 
 
 def _validate(new: NewJob) -> None:

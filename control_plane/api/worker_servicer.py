@@ -29,7 +29,9 @@ from control_plane.domain.jobs import OUTCOME_STATUSES, Job, JobStatus
 from control_plane.domain.workers import WorkerStatus
 from control_plane.errors import FailedPrecondition, IasError, InvalidArgument, NotFound
 from control_plane.ids import new_id
-from control_plane.queue import HeldLease, JobQueue, utcnow
+from control_plane.queue import JobQueue
+from control_plane.transactions import utcnow
+from control_plane.worker_records import HeldLease
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,8 @@ from control_plane.api import convert
 from control_plane.dispatch.sessions import Eligibility, Session, SessionRegistry
 from control_plane.domain.jobs import Job
 from control_plane.errors import IasError
-from control_plane.queue import Assignee, JobQueue, Refill
+from control_plane.queue import JobQueue, Refill
+from control_plane.transactions import Assignee
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,8 @@ from ias.v1 import worker_service_pb2 as wpb
 from control_plane.domain.jobs import Job, JobResult, JobStatus
 from control_plane.domain.workers import Event, EventKind
 from control_plane.errors import NotFound, StaleLease
-from control_plane.queue import Assignee, JobQueue, NewJob, Refill
+from control_plane.queue import JobQueue, NewJob, Refill
+from control_plane.transactions import Assignee
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

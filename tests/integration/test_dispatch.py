@@ -17,7 +17,7 @@ from ias.v1 import job_pb2
 from ias.v1 import worker_service_pb2 as wpb
 
 from control_plane.domain.jobs import JobStatus
-from control_plane.queue import Assignee
+from control_plane.transactions import Assignee
 
 
 async def test_a_job_is_pushed_to_the_worker_that_can_run_it(tmp_path: Path) -> None:

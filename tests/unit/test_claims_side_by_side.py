@@ -14,9 +14,10 @@ from control_plane.config import ServerSettings
 from control_plane.domain.jobs import JobResult, JobStatus
 from control_plane.domain.workers import Event
 from control_plane.events.hub import EventHub
-from control_plane.queue import Assignee, JobQueue, NewJob, Refill
+from control_plane.queue import JobQueue, NewJob, Refill
 from control_plane.store import jobs as jobs_store
 from control_plane.store.db import Database
+from control_plane.transactions import Assignee
 
 WS = "default"
 

@@ -14,10 +14,12 @@ from control_plane.config import ServerSettings
 from control_plane.domain.jobs import Job, JobStatus
 from control_plane.domain.workers import Event, EventKind, Worker, WorkerStatus
 from control_plane.events.hub import EventHub
-from control_plane.queue import Assignee, HeldLease, JobQueue, NewJob
+from control_plane.queue import JobQueue, NewJob
 from control_plane.store import jobs as jobs_store
 from control_plane.store import workers as workers_store
 from control_plane.store.db import Database
+from control_plane.transactions import Assignee
+from control_plane.worker_records import HeldLease
 
 WS = "default"
 

@@ -16,8 +16,9 @@ from control_plane.dispatch.sessions import Eligibility, Session, SessionRegistr
 from control_plane.domain import jobs as jobs_domain
 from control_plane.domain.jobs import Job, JobStatus
 from control_plane.errors import Unauthenticated
-from control_plane.queue import Assignee, JobQueue
+from control_plane.queue import JobQueue
 from control_plane.store.jobs import available_payload, parse_available
+from control_plane.transactions import Assignee
 
 NOOP = Eligibility(workspace_id="default", types=frozenset({"noop"}), repo_ids=frozenset())
 

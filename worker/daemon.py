@@ -36,9 +36,9 @@ from tenacity import AsyncRetrying, retry_if_exception
 
 from worker import __version__
 from worker.client import bearer, open_channel, reconnect_delay
-from worker.git_ops import prune_worktrees
 from worker.handlers import HandlerRegistry, HandlerResult, JobContext, JobFailed, missing_checkout
 from worker.journal import Journal
+from worker.worktrees import prune_worktrees
 
 log = logging.getLogger(__name__)
 

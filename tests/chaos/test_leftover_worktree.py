@@ -20,21 +20,21 @@ pytestmark = pytest.mark.slow
 TERMINAL = {job_pb2.JOB_STATUS_DONE, job_pb2.JOB_STATUS_FAILED, job_pb2.JOB_STATUS_BLOCKED}
 
 
-# Runs git_ops.job_worktree in a process of its own and waits there until it is killed.
+# Runs worktrees.job_worktree in a process of its own and waits there until it is killed.
 HOLD_WORKTREE = """
 import sys, time
 from pathlib import Path
 import pygit2
-from worker import git_ops
+from worker import worktrees
 repo = pygit2.Repository(sys.argv[1])
-with git_ops.job_worktree(repo, job_id="job_killed_mid_run", attempt=1, branch=sys.argv[2]) as root:
+with worktrees.job_worktree(repo, job_id="job_killed_mid_run", attempt=1, branch=sys.argv[2]) as root:
     Path(sys.argv[3]).write_text(str(root))
     time.sleep(120)
 """
 
 
 def _leave_worktree_of_a_killed_attempt(checkout: Path, branch: str, ready: Path) -> Path:
-    """kill -9 of a process inside git_ops.job_worktree: its worktree stays, holding the branch."""
+    """kill -9 of a process inside worktrees.job_worktree: its worktree stays, holding the branch."""
     repo = pygit2.Repository(str(checkout))
     repo.branches.local.create(branch, repo.head.peel())
     args = [sys.executable, "-c", HOLD_WORKTREE, str(checkout), branch, str(ready)]

@@ -21,12 +21,11 @@ from worker.git_ops import (
     Workspace,
     commit_job,
     commit_signature,
-    job_worktree,
     open_repo,
     parse_policy,
-    prune_worktrees,
 )
 from worker.handlers import JobFailed
+from worker.worktrees import job_worktree, prune_worktrees
 
 # Fixtures shared through repo_fixtures (a conftest.py here would shadow tests/conftest.py).
 isolated_git = fx.isolated_git
@@ -143,12 +142,12 @@ def test_policy_validation_names_the_field() -> None:
 
 # -- worktrees left behind --------------------------------------------------------------------------
 
-# Enters git_ops.job_worktree in a process of its own, says where, and waits there to be killed.
+# Enters worktrees.job_worktree in a process of its own, says where, and waits there to be killed.
 HOLD_WORKTREE = """
 import sys, time
 from pathlib import Path
 import pygit2
-from worker.git_ops import job_worktree
+from worker.worktrees import job_worktree
 repo = pygit2.Repository(sys.argv[1])
 with job_worktree(repo, job_id=sys.argv[2], attempt=1, branch=sys.argv[3]) as root:
     Path(sys.argv[4]).write_text(str(root))

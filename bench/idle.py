@@ -36,10 +36,12 @@ class IdleResult:
     cpu: CpuUsage
     rss_per_worker_kib: float
     db_commits_per_s: float | None
+    db_writes_per_s: float | None
 
     def rows(self) -> dict[str, str | Judged]:
         n = self.workers
         commits = "—" if self.db_commits_per_s is None else f"{self.db_commits_per_s:.1f}"
+        writes = "—" if self.db_writes_per_s is None else f"{self.db_writes_per_s:.1f}"
         cpu, rss = self.cpu.server_pct, self.rss_per_worker_kib
         return {
             f"idle {n} workers: time to connect all (s)": f"{self.connect_s:.1f}",
@@ -47,7 +49,7 @@ class IdleResult:
             f"idle {n} workers: server RSS per worker (KiB)": Judged(
                 f"{rss:.1f}", "≤ 50 KB (48.8 KiB)", rss <= 50_000 / 1024
             ),
-            f"idle {n} workers: PostgreSQL commits/s": commits,
+            f"idle {n} workers: PostgreSQL write transactions/s (all commits/s)": f"{writes} ({commits})",
         }
 
 
@@ -60,21 +62,23 @@ async def run_idle(server: RunningServer, params: IdleParams) -> IdleResult:
         connect_s = time.perf_counter() - began
         await asyncio.sleep(1.0)  # let the connect burst's writes settle before measuring
         meter = CpuMeter(server.pid)
-        commits = await _commits(server)
+        commits, xid = await _commits(server), await _next_xid(server)
         meter.start()
         await asyncio.sleep(params.seconds)
         cpu = meter.stop()
-        commits_after = await _commits(server)
+        commits_after, xid_after = await _commits(server), await _next_xid(server)
         rss_after = rss_kib(server.pid)
     if tally.problems:
         raise ScenarioFailed(f"idle: {len(tally.problems)} protocol problem(s), first: {tally.problems[0]}")
     per_s = None if commits is None or commits_after is None else (commits_after - commits) / params.seconds
+    writes = None if xid is None or xid_after is None else (xid_after - xid) / params.seconds
     return IdleResult(
         workers=params.workers,
         connect_s=connect_s,
         cpu=cpu,
         rss_per_worker_kib=(rss_after - rss_before) / params.workers,
         db_commits_per_s=per_s,
+        db_writes_per_s=writes,
     )
 
 
@@ -105,6 +109,10 @@ async def idle_fleet(
 
 async def _commits(server: RunningServer) -> int | None:
     return await postgres.commits(server.db_url) if server.db_url else None
+
+
+async def _next_xid(server: RunningServer) -> int | None:
+    return await postgres.next_xid(server.db_url) if server.db_url else None
 
 
 def rss_kib(pid: int) -> float:

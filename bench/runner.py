@@ -75,7 +75,10 @@ class Plan:
             "throughput jobs": str(tput.jobs),
             "workers (throughput, noop, 1 slot each)": ", ".join(str(w) for w in self.workers),
             "concurrent submitters": str(tput.submitters),
-            "idle scenario": f"{self.idle.workers} connected workers on a fresh server, measured for {self.idle.seconds:g} s",
+            "idle scenario": (
+                f"{self.idle.workers} connected workers on a fresh server,"
+                f" measured for {self.idle.seconds:g} s"
+            ),
             "fan-out scenario": (
                 f"{self.fanout.subscribers} Console watchers, {self.fanout.events_per_s:g} events/s offered "
                 f"for {self.fanout.seconds:g} s, one watcher dropped and resumed halfway"

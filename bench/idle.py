@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Final
 
 from bench import postgres
-from bench.scenarios import ScenarioFailed
+from bench.scenarios import ScenarioFailed, next_xid
 from bench.server import RunningServer
 from bench.simworker import SimWorker, Tally
 from bench.stats import CpuMeter, CpuUsage, Judged
@@ -62,11 +62,11 @@ async def run_idle(server: RunningServer, params: IdleParams) -> IdleResult:
         connect_s = time.perf_counter() - began
         await asyncio.sleep(1.0)  # let the connect burst's writes settle before measuring
         meter = CpuMeter(server.pid)
-        commits, xid = await _commits(server), await _next_xid(server)
+        commits, xid = await _commits(server), await next_xid(server)
         meter.start()
         await asyncio.sleep(params.seconds)
         cpu = meter.stop()
-        commits_after, xid_after = await _commits(server), await _next_xid(server)
+        commits_after, xid_after = await _commits(server), await next_xid(server)
         rss_after = rss_kib(server.pid)
     if tally.problems:
         raise ScenarioFailed(f"idle: {len(tally.problems)} protocol problem(s), first: {tally.problems[0]}")
@@ -109,10 +109,6 @@ async def idle_fleet(
 
 async def _commits(server: RunningServer) -> int | None:
     return await postgres.commits(server.db_url) if server.db_url else None
-
-
-async def _next_xid(server: RunningServer) -> int | None:
-    return await postgres.next_xid(server.db_url) if server.db_url else None
 
 
 def rss_kib(pid: int) -> float:

@@ -76,7 +76,7 @@ async def run_latency(server: RunningServer, params: LatencyParams) -> LatencyRe
             warm, _ = await paced(stub, server.admin_token, params.warmup, params.rate)
             await settle(tally, warm, what="warm-up")
             meter = CpuMeter(server.pid)
-            xid = await _next_xid(server)
+            xid = await next_xid(server)
             meter.start()
             ids, rtts = await paced(stub, server.admin_token, params.jobs, params.rate)
             await settle(tally, ids, what="latency")
@@ -96,13 +96,13 @@ async def run_latency(server: RunningServer, params: LatencyParams) -> LatencyRe
     )
 
 
-async def _next_xid(server: RunningServer) -> int | None:
+async def next_xid(server: RunningServer) -> int | None:
     return await postgres.next_xid(server.db_url) if server.db_url else None
 
 
 async def _writes_per_job(server: RunningServer, first_xid: int | None, jobs: int) -> float | None:
     """PostgreSQL transactions that wrote, per job, since ``first_xid`` (None on SQLite)."""
-    last = await _next_xid(server)
+    last = await next_xid(server)
     return None if first_xid is None or last is None else (last - first_xid) / jobs
 
 
@@ -153,7 +153,7 @@ async def run_throughput(server: RunningServer, params: ThroughputParams) -> Thr
             target=server.address, token=server.worker_token, prefix="tput", size=params.workers, tally=tally
         ):
             meter = CpuMeter(server.pid)
-            xid = await _next_xid(server)
+            xid = await next_xid(server)
             meter.start()
             began = time.perf_counter()
             ids = await flood(stub, server.admin_token, params)

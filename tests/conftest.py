@@ -6,11 +6,16 @@ import asyncio
 import os
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import asyncpg
 import pytest
+
+if TYPE_CHECKING:
+    from control_plane.queue import JobQueue
+    from control_plane.store.db import Database
 
 PG_ADMIN_URL = os.environ.get("IAS_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -60,6 +65,36 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'ias.db'}"
     return str(request.getfixturevalue("pg_url"))
+
+
+def bare_queue(database: Database) -> JobQueue:
+    """A JobQueue over ``database`` whose event hub reads nothing back (no Watch subscribers)."""
+    from control_plane.config import ServerSettings
+    from control_plane.domain.workers import Event
+    from control_plane.events.hub import EventHub
+    from control_plane.queue import JobQueue
+
+    async def no_events(_workspace_id: str, _after: int) -> list[Event]:
+        return []
+
+    async def no_seq(_workspace_id: str) -> int:
+        return 0
+
+    hub = EventHub(read_since=no_events, last_seq=no_seq)
+    return JobQueue(db=database, hub=hub, settings=ServerSettings(data_dir=Path()))  # settings unread
+
+
+@pytest.fixture
+async def queue(database_url: str) -> AsyncIterator[JobQueue]:
+    """A bare queue (`bare_queue`) on each backend in turn, migrated, with workspace "default"."""
+    from control_plane.store.db import Database
+
+    database = Database(url=database_url)
+    await database.migrate()
+    q = bare_queue(database)
+    await q.ensure_workspace("default")
+    yield q
+    await database.close()
 
 
 def wait_until(predicate: Callable[[], object], *, timeout: float = 10.0, what: str = "condition") -> None:

@@ -56,9 +56,6 @@ class Outbox:
                 self._waiter = None
         return self._frames.popleft()
 
-    def qsize(self) -> int:
-        return len(self._frames)
-
 
 @dataclass(frozen=True, slots=True)
 class Eligibility:

@@ -5,43 +5,16 @@ jobs it still runs."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 
-import pytest
-
-from control_plane.config import ServerSettings
 from control_plane.domain.jobs import Job, JobStatus
-from control_plane.domain.workers import Event, EventKind, Worker, WorkerStatus
-from control_plane.events.hub import EventHub
+from control_plane.domain.workers import EventKind, Worker, WorkerStatus
 from control_plane.queue import JobQueue, NewJob
 from control_plane.store import jobs as jobs_store
 from control_plane.store import workers as workers_store
-from control_plane.store.db import Database
 from control_plane.transactions import Assignee
 from control_plane.worker_records import HeldLease
 
 WS = "default"
-
-
-@pytest.fixture
-async def queue(database_url: str) -> AsyncIterator[JobQueue]:
-    async def no_events(_workspace_id: str, _after: int) -> list[Event]:
-        return []
-
-    async def no_seq(_workspace_id: str) -> int:
-        return 0
-
-    database = Database(url=database_url)
-    await database.migrate()
-    q = JobQueue(
-        db=database,
-        hub=EventHub(read_since=no_events, last_seq=no_seq),
-        settings=ServerSettings(data_dir=Path()),
-    )
-    await q.ensure_workspace(WS)
-    yield q
-    await database.close()
 
 
 async def _hello(

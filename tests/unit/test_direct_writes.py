@@ -7,17 +7,15 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import asyncpg
 import pytest
+from conftest import bare_queue
 from sqlalchemy.dialects import sqlite
 
-from control_plane.config import ServerSettings
 from control_plane.domain.jobs import Job, JobResult, JobStatus
-from control_plane.domain.workers import Event, EventKind
-from control_plane.events.hub import EventHub
-from control_plane.queue import JobQueue, NewJob
+from control_plane.domain.workers import EventKind
+from control_plane.queue import NewJob
 from control_plane.store import events as events_store
 from control_plane.store import jobs as jobs_store
 from control_plane.store import pg_direct, sqlite_direct
@@ -32,23 +30,9 @@ WS = "default"
 async def db(database_url: str) -> AsyncIterator[Database]:
     database = Database(url=database_url)
     await database.migrate()
-    await _queue(database).ensure_workspace(WS)
+    await bare_queue(database).ensure_workspace(WS)
     yield database
     await database.close()
-
-
-def _queue(db: Database) -> JobQueue:
-    async def no_events(_workspace_id: str, _after: int) -> list[Event]:
-        return []
-
-    async def no_seq(_workspace_id: str) -> int:
-        return 0
-
-    return JobQueue(
-        db=db,
-        hub=EventHub(read_since=no_events, last_seq=no_seq),
-        settings=ServerSettings(data_dir=Path()),  # the queue never reads it
-    )
 
 
 def _job(n: int, now: datetime) -> Job:
@@ -118,7 +102,7 @@ async def test_a_fenced_direct_write_to_a_row_that_moved_writes_nothing(db: Data
 
 
 async def test_submissions_and_outcomes_through_the_queue_keep_the_log_gap_free(db: Database) -> None:
-    queue = _queue(db)
+    queue = bare_queue(db)
     submitted = [await queue.submit(workspace_id=WS, new=NewJob(type="noop")) for _ in range(5)]
     assert all(not duplicate for _, duplicate in submitted)
     events = await queue.events_since(WS, 0)

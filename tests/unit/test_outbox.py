@@ -28,7 +28,8 @@ async def test_frames_leave_in_order_and_a_waiting_writer_wakes() -> None:
     assert second is not None and second.drain.reason == "b"
     outbox.put_nowait(None)
     assert await outbox.get() is None
-    assert outbox.qsize() == 0
+    with pytest.raises(asyncio.QueueEmpty):
+        outbox.get_nowait()
 
 
 async def test_a_full_outbox_refuses_and_an_empty_one_has_nothing() -> None:

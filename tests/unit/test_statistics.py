@@ -10,9 +10,11 @@ from collections.abc import AsyncIterator
 import pytest
 from conftest import bare_queue
 
-from control_plane.queue import JobQueue, NewJob
+from control_plane.domain.jobs import JobResult, JobStatus
+from control_plane.queue import JobQueue, NewJob, Refill
 from control_plane.store import statistics
 from control_plane.store.db import Database
+from control_plane.transactions import Assignee
 
 pytestmark = pytest.mark.postgres
 
@@ -78,3 +80,45 @@ async def test_a_replica_starting_on_a_large_table_leaves_it_to_autovacuum(queue
     await _submit(later, statistics.MIN_GROWTH)
     await later.refresh_statistics()
     assert await _standing(later) == (4 * statistics.MIN_GROWTH, 2)
+
+
+async def test_the_hot_statements_are_planned_once_per_connection(pg_url: str) -> None:
+    """Left to choose, PostgreSQL re-planned the read of named and pending jobs at every execution
+    once the table had statistics; the direct connections keep one generic plan per statement."""
+    database = Database(url=pg_url, pool_size=1)  # one connection: the one inspected below
+    await database.migrate()
+    queue = bare_queue(database)
+    await queue.ensure_workspace(WS)
+    try:
+        await _submit(queue, 2 * statistics.MIN_GROWTH)
+        await queue.refresh_statistics()
+        who = Assignee(worker_id="w", session_id="s")
+        refill = Refill(types=("noop",), repo_ids=(), assignee=who)
+        for _ in range(10):
+            claimed = await queue.claim(
+                workspace_id=WS, types=["noop"], repo_ids=[], slots=2, pick=lambda n: [who] * n
+            )
+            await asyncio.gather(
+                *(
+                    queue.record_outcome(
+                        workspace_id=WS,
+                        worker_id="w",
+                        job_id=job.id,
+                        epoch=job.lease_epoch,
+                        status=JobStatus.DONE,
+                        result=JobResult(summary="ok"),
+                        refill=refill,
+                    )
+                    for job, _ in claimed
+                )
+            )
+        async with database.direct() as raw:
+            plans = await raw.fetch(
+                "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements"
+                " WHERE statement LIKE '%FROM jobs%' OR statement LIKE '%INTO jobs%'"
+            )
+    finally:
+        await database.close()
+    assert len(plans) >= 2, "the read and the write statement"
+    assert all(p["custom_plans"] == 0 for p in plans), [dict(p) for p in plans]
+    assert sum(p["generic_plans"] for p in plans) > 40

@@ -3,7 +3,7 @@
 The reader answers heartbeats and progress at once, from memory; frames that need the database
 (outcomes, releases, declined assignments, draining) each run as a task of their own, so a slow
 database never holds up a heartbeat acknowledgement: the worker would take its leases for lost and
-stop jobs the control plane still holds. A separate writer task drains the session's outbox, so the
+stop jobs the control plane still holds. The stream's handler drains the session's outbox, so the
 dispatcher and the maintenance loops can push frames without touching the stream.
 """
 
@@ -88,29 +88,30 @@ class WorkerServicer(wpb_grpc.WorkerServiceServicer):
         assert handler is not None
         self.active.add(handler)
         handler.add_done_callback(self.active.discard)
-        writer = asyncio.create_task(self._write_loop(session, context), name=f"writer {session.id}")
+        # The handler itself writes; the reader is a task whose end closes the session, which
+        # ends the writer. (One task per session, not two: thousands of sessions sit idle.)
         reader = asyncio.create_task(self._read_loop(session, context), name=f"reader {session.id}")
+        reader.add_done_callback(lambda _: session.close())
         try:
-            await asyncio.wait({writer, reader}, return_when=asyncio.FIRST_COMPLETED)
+            await self._write_loop(session, context)
+        except Exception as exc:  # the stream broke under a write
+            log.debug("writing to %s failed: %r", session.worker_name, exc)
         finally:
             session.close()
             reader.cancel()
             # Shielded: gRPC cancels this handler when the stream ends, and may do so again while
             # it winds down; the session must still leave the registry and be recorded offline,
             # or its jobs would wait for their leases to expire instead of the reconnect grace.
-            closing = asyncio.create_task(
-                self._wind_down(session, writer, reader), name=f"close {session.id}"
-            )
+            closing = asyncio.create_task(self._wind_down(session, reader), name=f"close {session.id}")
             self.active.add(closing)
             closing.add_done_callback(self.active.discard)
             await asyncio.shield(closing)
 
-    async def _wind_down(self, session: Session, *streams: asyncio.Task[None]) -> None:
+    async def _wind_down(self, session: Session, reader: asyncio.Task[None]) -> None:
         # Bounded: a read stuck inside gRPC must not keep the session open.
-        done, _ = await asyncio.wait(streams, timeout=CLOSE_TIMEOUT_S)
-        for task in done:
-            if not task.cancelled() and task.exception() is not None:
-                log.debug("stream task of %s ended: %r", session.worker_name, task.exception())
+        await asyncio.wait({reader}, timeout=CLOSE_TIMEOUT_S)
+        if reader.done() and not reader.cancelled() and reader.exception() is not None:
+            log.debug("reading from %s ended: %r", session.worker_name, reader.exception())
         if session.tasks:
             # Reports being recorded finish first (their commits stand either way), so that
             # a shutdown closes the database only after them.

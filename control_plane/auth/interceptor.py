@@ -46,6 +46,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, authority: TokenAuthority) -> None:
         self._authority = authority
+        # method → (the servicer's handler, its wrapper): one wrapper per method, not per call.
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
 
     async def intercept_service(
         self,
@@ -56,7 +58,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or method.startswith(_PUBLIC):
             return handler
-        return _wrap(handler, self._authority, method)
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapper = _wrap(handler, self._authority, method)
+        self._wrapped[method] = (handler, wrapper)
+        return wrapper
 
 
 async def _check(authority: TokenAuthority, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:

@@ -31,21 +31,29 @@ class Outbox:
     __slots__ = ("_frames", "_limit", "_waiter")
 
     def __init__(self, limit: int = OUTBOX_SIZE) -> None:
-        self._frames: deque[Frame] = deque()
+        # Made when a frame comes and dropped when the last leaves: an empty deque is 760 bytes.
+        self._frames: deque[Frame] | None = None
         self._limit = limit
         self._waiter: asyncio.Future[None] | None = None  # the writer, while it waits
 
     def put_nowait(self, frame: Frame) -> None:
-        if len(self._frames) >= self._limit:
+        frames = self._frames
+        if frames is None:
+            frames = self._frames = deque()
+        elif len(frames) >= self._limit:
             raise asyncio.QueueFull
-        self._frames.append(frame)
+        frames.append(frame)
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
     def get_nowait(self) -> Frame:
-        if not self._frames:
+        frames = self._frames
+        if not frames:
             raise asyncio.QueueEmpty
-        return self._frames.popleft()
+        frame = frames.popleft()
+        if not frames:
+            self._frames = None
+        return frame
 
     async def get(self) -> Frame:
         while not self._frames:
@@ -54,7 +62,7 @@ class Outbox:
                 await self._waiter
             finally:
                 self._waiter = None
-        return self._frames.popleft()
+        return self.get_nowait()
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,7 +175,13 @@ class SessionRegistry:
             self._leave_group(old)
         self._by_id[session.id] = session
         self._by_worker[session.worker_id] = session
-        self._groups.setdefault(session.eligibility, {})[session] = None
+        members = self._groups.get(session.eligibility)
+        if members is None:
+            self._groups[session.eligibility] = {session: None}
+        else:
+            # Equal sessions share one copy of what they may be offered (a fleet is mostly alike).
+            session.eligibility = next(iter(members)).eligibility
+            members[session] = None
         return old
 
     def remove(self, session: Session) -> None:

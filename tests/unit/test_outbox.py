@@ -55,3 +55,14 @@ async def test_a_cancelled_writer_leaves_the_outbox_usable() -> None:
     async with asyncio.timeout(5):
         frame = await outbox.get()
     assert frame is not None and frame.drain.reason == "after"
+
+
+def test_an_outbox_emptied_keeps_no_buffer() -> None:
+    outbox = Outbox()
+    assert outbox._frames is None, "an idle session's outbox holds no deque"
+    outbox.put_nowait(_frame("a"))
+    outbox.put_nowait(_frame("b"))
+    outbox.get_nowait()
+    assert outbox._frames is not None
+    outbox.get_nowait()
+    assert outbox._frames is None

@@ -8,7 +8,7 @@ submission used to take six (BEGIN, the insert, the "jobs available" hint, the w
 sequence, the events, COMMIT), an outcome seven. Here the writes a transaction has queued (new
 jobs, fenced updates of rows it has locked), the sequence numbers, the events and every
 ``pg_notify`` go as one statement of data-modifying CTEs, sent straight through asyncpg with arrays
-as parameters (one prepared statement, whatever the batch size).
+as parameters (one prepared statement for each shape of transaction, whatever the batch size).
 
 A transaction that read nothing before (a submission) needs no BEGIN or COMMIT at all: the one
 statement is its own transaction, atomic as any statement is. Outcomes go the same way after one
@@ -52,8 +52,14 @@ _TYPES: Final = {c.name: _array_type(c) for c in _jobs.columns}
 _EVENT_FIELDS: Final = ("kind", "job_id", "worker_id", "reason", "data")
 
 
-def _build(*, notify: bool) -> str:
-    """The write statement; ``notify``: with its ``pg_notify`` calls (see `dispatch.peers`)."""
+def _build(*, notify: bool, inserts: bool, saves: bool) -> str:
+    """The write statement; ``notify``: with its ``pg_notify`` calls (see `dispatch.peers`);
+    ``inserts``, ``saves``: with the parts that insert new jobs and save fenced ones.
+
+    A statement has only the parts its transaction needs: a submission saves nothing and an
+    outcome inserts nothing, and each part left out is arrays not encoded and a step not run
+    (0.1 ms of a submission's 0.75 here, a sixth of its client CPU).
+    """
     n = 0
 
     def param(array_type: str) -> str:
@@ -61,47 +67,59 @@ def _build(*, notify: bool) -> str:
         n += 1
         return f"${n}::{array_type}"
 
-    inserted = ", ".join(param(_TYPES[c]) for c in _COLUMNS)
-    fenced = f"${n + 1}::text[]"
-    fence = ", ".join(param(t) for t in ("text[]", "text[]", "bigint[]"))  # id, status, epoch
-    saved = ", ".join(param(_TYPES[c]) for c in SAVED_COLUMNS)
-    workspace, now = param("text"), param("timestamptz")
-    kinds = f"${n + 1}::text[]"  # the first events array, for the number of events
-    events = ", ".join(param("text[]") for _ in _EVENT_FIELDS)
-    hints = param("text[]")
     columns, fields = ", ".join(_COLUMNS), ", ".join(_EVENT_FIELDS)
-    picked = ", ".join(f"e.{f}" for f in _EVENT_FIELDS)
-    sets = ", ".join(f"{c} = v.{c}" for c in SAVED_COLUMNS)
-    notify_events = f", pg_notify('{EVENTS_CHANNEL}', id || ':' || event_seq)" if notify else ""
-    notify_jobs = f"(SELECT count(pg_notify('{JOBS_CHANNEL}', h)) FROM unnest({hints}) AS h)"
-    if not notify:
-        notify_jobs = f"cardinality({hints})"  # the parameter is still referenced
-    return f"""
-WITH inserted AS (
-    INSERT INTO jobs ({columns}) SELECT * FROM unnest({inserted})
-), saved AS (
+    parts: list[str] = []
+    if inserts:
+        inserted = ", ".join(param(_TYPES[c]) for c in _COLUMNS)
+        parts.append(f"inserted AS (\n    INSERT INTO jobs ({columns}) SELECT * FROM unnest({inserted})\n)")
+    fenced = ""
+    if saves:
+        fenced = f"${n + 1}::text[]"
+        fence = ", ".join(param(t) for t in ("text[]", "text[]", "bigint[]"))  # id, status, epoch
+        saved = ", ".join(param(_TYPES[c]) for c in SAVED_COLUMNS)
+        sets = ", ".join(f"{c} = v.{c}" for c in SAVED_COLUMNS)
+        parts.append(f"""saved AS (
     UPDATE jobs SET {sets}
     FROM unnest({fence}, {saved}) AS v(w_id, w_status, w_epoch, {", ".join(SAVED_COLUMNS)})
     WHERE jobs.id = v.w_id AND jobs.status = v.w_status AND jobs.lease_epoch = v.w_epoch
     RETURNING 1
-), seq AS (
+)""")
+    workspace, now = param("text"), param("timestamptz")
+    kinds = f"${n + 1}::text[]"  # the first events array, for the number of events
+    events = ", ".join(param("text[]") for _ in _EVENT_FIELDS)
+    hints = param("text[]")
+    picked = ", ".join(f"e.{f}" for f in _EVENT_FIELDS)
+    notify_events = f", pg_notify('{EVENTS_CHANNEL}', id || ':' || event_seq)" if notify else ""
+    notify_jobs = f"(SELECT count(pg_notify('{JOBS_CHANNEL}', h)) FROM unnest({hints}) AS h)"
+    if not notify:
+        notify_jobs = f"cardinality({hints})"  # the parameter is still referenced
+    # The sequence row is locked last, after every job row (the fenced update runs to the end
+    # first, as a one-time filter): every writer locks in that order, so none deadlocks.
+    after_saves = " AND (SELECT count(*) FROM saved) >= 0" if saves else ""
+    parts.append(f"""seq AS (
     UPDATE workspaces SET event_seq = event_seq + cardinality({kinds})
-    -- The sequence row is locked last, after every job row (the fenced update above runs to the
-    -- end first, as a one-time filter): every writer locks in that order, so none deadlocks.
-    WHERE id = {workspace} AND cardinality({kinds}) > 0 AND (SELECT count(*) FROM saved) >= 0
+    WHERE id = {workspace} AND cardinality({kinds}) > 0{after_saves}
     RETURNING event_seq{notify_events}
-), appended AS (
+)""")
+    parts.append(f"""appended AS (
     INSERT INTO events (workspace_id, seq, {fields}, occurred_at)
     SELECT {workspace}, seq.event_seq - cardinality({kinds}) + e.n, {picked}, {now}
     FROM seq, unnest({events}) WITH ORDINALITY AS e({fields}, n)
-)
-SELECT (SELECT event_seq FROM seq), {notify_jobs},
-       ias_fence(cardinality({fenced}), (SELECT count(*) FROM saved))
+)""")
+    fence_check = f",\n       ias_fence(cardinality({fenced}), (SELECT count(*) FROM saved))" if saves else ""
+    return f"""
+WITH {", ".join(parts)}
+SELECT (SELECT event_seq FROM seq), {notify_jobs}{fence_check}
 """
 
 
-_STATEMENT: Final = _build(notify=True)
-_QUIET_STATEMENT: Final = _build(notify=False)
+# By (notify, inserts, saves).
+_STATEMENTS: Final = {
+    (notify, inserts, saves): _build(notify=notify, inserts=inserts, saves=saves)
+    for notify in (True, False)
+    for inserts in (True, False)
+    for saves in (True, False)
+}
 
 # What a replica that stayed quiet sends once another may be listening: for each workspace its
 # quiet writes touched, the latest sequence number and that jobs may be waiting.
@@ -176,22 +194,25 @@ async def write(
     """
     workspaces = sorted(drafts) or [""]
     hints = [available_payload(replica_id, w) for w in sorted(available)] if notify else []
-    saved_rows = [codec.job_to_row(job) for job, _, _ in saves]
-    job_params: list[list[Any]] = [
-        *_columns([codec.job_to_row(job) for job in inserts], _COLUMNS),
-        [job.id for job, _, _ in saves],
-        [status.value for _, status, _ in saves],
-        [epoch for _, _, epoch in saves],
-        *_columns(saved_rows, SAVED_COLUMNS),
-    ]
+    job_params: list[list[Any]] = []
+    if inserts:
+        job_params += _columns([codec.job_to_row(job) for job in inserts], _COLUMNS)
+    if saves:
+        job_params += [
+            [job.id for job, _, _ in saves],
+            [status.value for _, status, _ in saves],
+            [epoch for _, _, epoch in saves],
+            *_columns([codec.job_to_row(job) for job, _, _ in saves], SAVED_COLUMNS),
+        ]
     last: dict[str, int] = {}
 
     async def run() -> None:
         for i, workspace_id in enumerate(workspaces):
             events = [event_row(d) for d in drafts.get(workspace_id, ())]
+            first = i == 0  # the job writes go with the first workspace's events
             row = await conn.fetchrow(
-                _STATEMENT if notify else _QUIET_STATEMENT,
-                *(job_params if i == 0 else [[] for _ in job_params]),
+                _STATEMENTS[notify, first and bool(inserts), first and bool(saves)],
+                *(job_params if first else []),
                 workspace_id,
                 now,
                 *_columns(events, _EVENT_FIELDS),

@@ -101,6 +101,36 @@ async def test_a_fenced_direct_write_to_a_row_that_moved_writes_nothing(db: Data
         assert await events_store.since(conn, workspace_id=WS, after_seq=0) == []
 
 
+async def test_every_shape_of_write_stores_its_rows_and_numbers_its_events(db: Database) -> None:
+    """Inserts and saves in one write, and events in two workspaces (the second workspace's
+    statement carries events only): each shape of statement writes what it was given."""
+    await bare_queue(db).ensure_workspace("other")
+    now = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)
+    first, second = _job(1, now), _job(2, now)
+    await _direct_write(
+        db, inserts=[first], saves=[], drafts={WS: [Draft(EventKind.JOB_SUBMITTED, job=first)]}, now=now
+    )
+    done = replace(first, status=JobStatus.DONE, lease_expires_at=None, finished_at=now)
+    drafts = {
+        WS: [Draft(EventKind.JOB_FINISHED, job=done), Draft(EventKind.JOB_SUBMITTED, job=second)],
+        "other": [Draft(EventKind.JOB_SUBMITTED, job=second)],
+    }
+    await _direct_write(db, inserts=[second], saves=[(done, JobStatus.RUNNING, 1)], drafts=drafts, now=now)
+    async with db.read() as conn:
+        assert await jobs_store.get(conn, workspace_id=WS, job_id=first.id) == done
+        assert await jobs_store.get(conn, workspace_id=WS, job_id=second.id) == second
+        ours = await events_store.since(conn, workspace_id=WS, after_seq=0)
+        others = await events_store.since(conn, workspace_id="other", after_seq=0)
+    assert [(e.seq, e.kind) for e in ours] == [
+        (1, EventKind.JOB_SUBMITTED),
+        (2, EventKind.JOB_FINISHED),
+        (3, EventKind.JOB_SUBMITTED),
+    ]
+    assert [(e.seq, e.kind, e.job.id if e.job else "") for e in others] == [
+        (1, EventKind.JOB_SUBMITTED, second.id)
+    ]
+
+
 async def test_submissions_and_outcomes_through_the_queue_keep_the_log_gap_free(db: Database) -> None:
     queue = bare_queue(db)
     submitted = [await queue.submit(workspace_id=WS, new=NewJob(type="noop")) for _ in range(5)]

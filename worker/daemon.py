@@ -38,6 +38,8 @@ from worker import __version__
 from worker.client import bearer, open_channel, reconnect_delay
 from worker.handlers import HandlerRegistry, HandlerResult, JobContext, JobFailed, missing_checkout
 from worker.journal import Journal
+from worker.reports import crashed_pb, failed_pb, frame_epoch, frame_job, result_pb
+from worker.status_file import StatusFile
 from worker.worktrees import prune_worktrees
 
 log = logging.getLogger(__name__)
@@ -122,7 +124,7 @@ class WorkerDaemon:
         self.session_id = ""
         self.worker_id = ""
         self.status = "starting"
-        self._status_failing = False  # warned that the status file cannot be written
+        self._status_file = StatusFile(settings.status_file) if settings.status_file is not None else None
         self._restarting = False  # the control plane drained us to restart: reconnect briskly
         self.completed = 0
 
@@ -243,9 +245,9 @@ class WorkerDaemon:
     def _reporting(self) -> list[wpb.HeldJob]:
         """The jobs no longer executed whose report (outcome or release) awaits acknowledgement."""
         return [
-            wpb.HeldJob(job_id=_frame_job(f), lease_epoch=_frame_epoch(f))
+            wpb.HeldJob(job_id=frame_job(f), lease_epoch=frame_epoch(f))
             for f in self._unacked.values()
-            if _frame_job(f) not in self._jobs
+            if frame_job(f) not in self._jobs
         ]
 
     def _hello(self) -> wpb.ConnectRequest:
@@ -449,17 +451,17 @@ class WorkerDaemon:
         try:
             outcome = await handler(running.ctx)  # type: ignore[misc]
             assert isinstance(outcome, HandlerResult)
-            result = _result_pb(outcome)
+            result = result_pb(outcome)
             if outcome.blocked:
                 status = job_pb2.JOB_STATUS_BLOCKED
         except JobFailed as exc:
             status = job_pb2.JOB_STATUS_FAILED
-            result = _failed_pb(missing_checkout(running.ctx) or exc)
+            result = failed_pb(missing_checkout(running.ctx) or exc)
         except asyncio.CancelledError:
             return  # aborted: the lease is gone or handed back; report nothing
         except Exception as exc:  # a handler bug must not kill the daemon
             status = job_pb2.JOB_STATUS_FAILED
-            result = _crashed_pb(running, exc)
+            result = crashed_pb(running.ctx, exc)
         finally:
             if self._jobs.get(running.job.id) is running:
                 del self._jobs[running.job.id]
@@ -551,34 +553,25 @@ class WorkerDaemon:
             await asyncio.sleep(1)
 
     def _write_status(self) -> None:
-        path = self._settings.status_file
-        if path is None:
+        if self._status_file is None:
             return
-        state = {
-            "name": self._settings.name,
-            "status": self.status,
-            "control_plane": self._settings.control_plane,
-            "session_id": self.session_id,
-            "worker_id": self.worker_id,
-            "slots": self._settings.slots,
-            "running": [
-                {"job_id": j.job.id, "type": j.job.type, "attempt": j.job.attempt}
-                for j in self._jobs.values()
-            ],
-            "completed": self.completed,
-            "seconds_since_ack": round(time.monotonic() - self._last_ack, 1),
-            "updated_at": time.time(),
-        }
-        tmp = path.with_suffix(".tmp")
-        try:
-            tmp.write_text(json.dumps(state, indent=2))
-            tmp.replace(path)
-        except OSError as exc:  # a full disk must not stop the worker
-            if not self._status_failing:
-                log.warning("cannot write the status file %s: %s; `ias worker status` is stale", path, exc)
-            self._status_failing = True
-            return
-        self._status_failing = False
+        self._status_file.write(
+            {
+                "name": self._settings.name,
+                "status": self.status,
+                "control_plane": self._settings.control_plane,
+                "session_id": self.session_id,
+                "worker_id": self.worker_id,
+                "slots": self._settings.slots,
+                "running": [
+                    {"job_id": j.job.id, "type": j.job.type, "attempt": j.job.attempt}
+                    for j in self._jobs.values()
+                ],
+                "completed": self.completed,
+                "seconds_since_ack": round(time.monotonic() - self._last_ack, 1),
+                "updated_at": time.time(),
+            }
+        )
 
 
 class _Drained(Exception):
@@ -620,52 +613,3 @@ async def _raise_status(call: grpc.aio.StreamStreamCall[wpb.ConnectRequest, wpb.
         raise grpc.aio.AioRpcError(
             code, await call.initial_metadata(), await call.trailing_metadata(), details=await call.details()
         )
-
-
-def _frame_job(frame: wpb.ConnectRequest) -> str:
-    return frame.outcome.job_id if frame.HasField("outcome") else frame.release.job_id
-
-
-def _frame_epoch(frame: wpb.ConnectRequest) -> int:
-    return frame.outcome.lease_epoch if frame.HasField("outcome") else frame.release.lease_epoch
-
-
-def _failed_pb(failure: JobFailed) -> job_pb2.JobResult:
-    return job_pb2.JobResult(
-        summary=failure.message[:400],
-        error_code=failure.code,
-        error_message=failure.message,
-        retryable=failure.retryable,
-    )
-
-
-def _crashed_pb(running: _RunningJob, exc: Exception) -> job_pb2.JobResult:
-    """The result of a handler that raised something other than `JobFailed` (call in `except`)."""
-    extra = {"job_id": running.job.id, "attempt": running.job.attempt, "lease_epoch": running.epoch}
-    missing = missing_checkout(running.ctx)
-    if missing is not None:
-        # The checkout was deleted under the job: the error is a symptom of that, not a handler bug.
-        log.warning(
-            "%s (the job then failed with %s: %s)", missing.message, type(exc).__name__, exc, extra=extra
-        )
-        return _failed_pb(missing)
-    log.exception("job handler crashed", extra=extra)
-    return job_pb2.JobResult(
-        summary=f"{type(exc).__name__}: {exc}"[:400],
-        error_code="handler_error",
-        error_message=f"{type(exc).__name__}: {exc}",
-        retryable=True,
-    )
-
-
-def _result_pb(result: HandlerResult) -> job_pb2.JobResult:
-    return job_pb2.JobResult(
-        summary=result.summary[:400],
-        commit_sha=result.commit_sha,
-        branch=result.branch,
-        changed_paths=list(result.changed_paths[:500]),
-        changed_paths_truncated=len(result.changed_paths) > 500,
-        pr_url=result.pr_url,
-        counts=dict(result.counts),
-        metadata_json=json.dumps(dict(result.metadata)) if result.metadata else "",
-    )

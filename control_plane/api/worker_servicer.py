@@ -91,7 +91,7 @@ class WorkerServicer(wpb_grpc.WorkerServiceServicer):
         # The handler itself writes; the reader is a task whose end closes the session, which
         # ends the writer. (One task per session, not two: thousands of sessions sit idle.)
         reader = asyncio.create_task(self._read_loop(session, context), name=f"reader {session.id}")
-        reader.add_done_callback(lambda _: session.close())
+        reader.add_done_callback(lambda _: _closing(session, handler))
         try:
             await self._write_loop(session, context)
         except Exception as exc:  # the stream broke under a write
@@ -432,6 +432,14 @@ def _rejected(
             job_id=job_id, code=code.value[0], message=message, field=field, frame=frame
         )
     )
+
+
+def _closing(session: Session, handler: asyncio.Task[Any]) -> None:
+    """The stream's reader ended: close the session. The frames left go out within the close
+    timeout, or the handler is cancelled (a peer that stopped reading must not hold the session)."""
+    session.close()
+    timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT_S, handler.cancel)
+    handler.add_done_callback(lambda _: timer.cancel())
 
 
 def _validate_hello(hello: wpb.Hello) -> None:

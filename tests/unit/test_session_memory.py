@@ -1,11 +1,14 @@
-"""What an idle session keeps: equal sessions share one eligibility, and a method's auth wrapper is
-built once, not once per call."""
+"""What a session keeps and how it ends: equal sessions share one eligibility, a method's auth
+wrapper is built once, not once per call, and a session whose reader ended does not wait forever
+for its last writes."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import grpc
+import pytest
 
 from control_plane.auth.interceptor import AuthInterceptor
 from control_plane.auth.tokens import TokenAuthority
@@ -55,3 +58,22 @@ async def test_a_methods_auth_wrapper_is_built_once() -> None:
 
     public: Any = type("Details", (), {"method": "/grpc.health.v1.Health/Check", "invocation_metadata": ()})()
     assert await interceptor.intercept_service(continuation, public) is handler
+
+
+async def test_a_handler_still_writing_when_its_reader_ends_is_cancelled_after_the_close_timeout(
+    monkeypatch: Any,
+) -> None:
+    from control_plane.api import worker_servicer
+
+    monkeypatch.setattr(worker_servicer, "CLOSE_TIMEOUT_S", 0.05)
+    session = _session(1, {"noop"})
+    stuck = asyncio.create_task(asyncio.sleep(30))  # a write the peer never reads
+    prompt = asyncio.create_task(asyncio.sleep(0))
+    worker_servicer._closing(session, stuck)
+    worker_servicer._closing(_session(2, {"noop"}), prompt)
+    assert session.closed
+    async with asyncio.timeout(5):
+        with pytest.raises(asyncio.CancelledError):
+            await stuck
+        await prompt
+    assert not prompt.cancelled(), "a handler that ends in time is left alone"

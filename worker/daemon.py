@@ -548,7 +548,7 @@ class WorkerDaemon:
                 log.info("removed %d job worktree(s) a stopped run left in %s", removed, path)
 
     async def _status_writer(self) -> None:
-        while self._settings.status_file is not None:
+        while self._status_file is not None:
             self._write_status()
             await asyncio.sleep(1)
 

@@ -436,7 +436,10 @@ def _rejected(
 
 def _closing(session: Session, handler: asyncio.Task[Any]) -> None:
     """The stream's reader ended: close the session. The frames left go out within the close
-    timeout, or the handler is cancelled (a peer that stopped reading must not hold the session)."""
+    timeout, or the handler is cancelled (a peer that stopped reading must not hold the session).
+    A session already closed is being ended by its handler, which winds down on its own bounds."""
+    if session.closed:
+        return
     session.close()
     timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT_S, handler.cancel)
     handler.add_done_callback(lambda _: timer.cancel())

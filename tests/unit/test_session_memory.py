@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 import pytest
 
+from control_plane.api import worker_servicer
 from control_plane.auth.interceptor import AuthInterceptor
 from control_plane.auth.tokens import TokenAuthority
 from control_plane.dispatch.sessions import Eligibility, Session, SessionRegistry
@@ -63,8 +64,6 @@ async def test_a_methods_auth_wrapper_is_built_once() -> None:
 async def test_a_handler_still_writing_when_its_reader_ends_is_cancelled_after_the_close_timeout(
     monkeypatch: Any,
 ) -> None:
-    from control_plane.api import worker_servicer
-
     monkeypatch.setattr(worker_servicer, "CLOSE_TIMEOUT_S", 0.05)
     session = _session(1, {"noop"})
     stuck = asyncio.create_task(asyncio.sleep(30))  # a write the peer never reads
@@ -77,3 +76,12 @@ async def test_a_handler_still_writing_when_its_reader_ends_is_cancelled_after_t
             await stuck
         await prompt
     assert not prompt.cancelled(), "a handler that ends in time is left alone"
+
+    # The handler closed the session itself and is winding down: no timer for it.
+    ending = _session(3, {"noop"})
+    ending.close()
+    winding = asyncio.create_task(asyncio.sleep(0.2))
+    worker_servicer._closing(ending, winding)
+    async with asyncio.timeout(5):
+        await winding
+    assert not winding.cancelled()

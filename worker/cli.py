@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 import click
 
 from worker import __version__
+from worker.log_format import FieldsFormatter
 
 ENV_HELP = "Every option has an IAS_* environment twin, shown in each command's --help."
 
@@ -50,11 +51,9 @@ class LazyGroup(click.Group):
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 def ias(verbose: int) -> None:
     # One-shot commands log warnings only; daemons raise this to INFO (see `daemon_logging`).
-    logging.basicConfig(
-        level=max(logging.WARNING - 10 * verbose, logging.DEBUG),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(FieldsFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=max(logging.WARNING - 10 * verbose, logging.DEBUG), handlers=[handler])
 
 
 def daemon_logging() -> None:

@@ -155,8 +155,8 @@ def _our_line(result: BackendResult, plan: Plan) -> Line:
     lat, tput = result.latency.get(plan.rates[0]), result.throughput.get(plan.workers[0])
     return Line(
         title=f"IAS ({result.title}, {plan.workers[0]} workers)",
-        p50=lat.dispatch_ms.p50 if lat else None,
-        p99=lat.dispatch_ms.p99 if lat else None,
+        p50=lat.from_created_ms.p50 if lat else None,
+        p99=lat.from_created_ms.p99 if lat else None,
         jobs_per_s=tput.jobs_per_s if tput else None,
         exactly_once=f"{tput.verified}/{tput.jobs}" if tput else "—",
     )

@@ -39,9 +39,10 @@ class LatencyParams:
 
 @dataclass(frozen=True, slots=True)
 class LatencyResult:
-    dispatch_ms: Summary
+    dispatch_ms: Summary  # the lease committed (the assignment's committed_at) → the worker read it
+    from_created_ms: Summary  # created_at (before the submit's insert) → the worker read it
     to_claim_ms: Summary  # created_at → the claim transaction began (the assignment's updated_at)
-    claim_to_worker_ms: Summary  # the claim transaction began → the worker read the assignment
+    claim_to_commit_ms: Summary  # the claim transaction began → it committed
     submit_rtt_ms: Summary
     cpu: CpuUsage
     db_writes_per_job: float | None
@@ -65,7 +66,8 @@ class ThroughputResult:
 
 
 async def run_latency(server: RunningServer, params: LatencyParams) -> LatencyResult:
-    """Submit jobs one at a time at ``params.rate``; time committed → assignment received."""
+    """Submit jobs one at a time at ``params.rate``; time committed → assignment received, and
+    from the job's creation (before its insert and commit), as the peers are timed."""
     tally = Tally()
     channel = open_channel(server.address)
     try:
@@ -85,11 +87,13 @@ async def run_latency(server: RunningServer, params: LatencyParams) -> LatencyRe
     finally:
         await channel.close(grace=None)
     _require_clean(tally)
-    created, claimed, received = tally.created_at, tally.claimed_at, tally.received_at
+    created, claimed, committed = tally.created_at, tally.claimed_at, tally.committed_at
+    received = tally.received_at
     return LatencyResult(
-        dispatch_ms=summarise([(received[i] - created[i]) * 1000 for i in ids]),
+        dispatch_ms=summarise([(received[i] - committed[i]) * 1000 for i in ids]),
+        from_created_ms=summarise([(received[i] - created[i]) * 1000 for i in ids]),
         to_claim_ms=summarise([(claimed[i] - created[i]) * 1000 for i in ids]),
-        claim_to_worker_ms=summarise([(received[i] - claimed[i]) * 1000 for i in ids]),
+        claim_to_commit_ms=summarise([(committed[i] - claimed[i]) * 1000 for i in ids]),
         submit_rtt_ms=summarise(rtts),
         cpu=cpu,
         db_writes_per_job=writes,

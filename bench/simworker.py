@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 from ias.v1 import job_pb2
 from ias.v1 import worker_service_pb2 as wpb
 from ias.v1 import worker_service_pb2_grpc as wpb_grpc
@@ -42,6 +43,7 @@ class Tally:
     received_at: dict[str, float] = field(default_factory=dict)  # job id → time.time() of the frame
     created_at: dict[str, float] = field(default_factory=dict)  # job id → the job's created_at
     claimed_at: dict[str, float] = field(default_factory=dict)  # job id → updated_at, set by the claim
+    committed_at: dict[str, float] = field(default_factory=dict)  # job id → the lease's commit
     acks: Counter[str] = field(default_factory=Counter)
     ack_log: list[str] = field(default_factory=list)  # job ids in the order their acks arrived
     duplicate_acks: int = 0
@@ -49,12 +51,14 @@ class Tally:
     problems: list[str] = field(default_factory=list)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def assigned(self, job: job_pb2.Job, received: float) -> None:
+    def assigned(self, assignment: wpb.Assignment, received: float) -> None:
+        job = assignment.job
         if job.id in self.received_at:
             self.problem(f"job {job.id} was assigned twice")
         self.received_at[job.id] = received
-        self.created_at[job.id] = job.created_at.seconds + job.created_at.nanos / 1e9
-        self.claimed_at[job.id] = job.updated_at.seconds + job.updated_at.nanos / 1e9
+        self.created_at[job.id] = _seconds(job.created_at)
+        self.claimed_at[job.id] = _seconds(job.updated_at)
+        self.committed_at[job.id] = _seconds(assignment.committed_at)
         self._changed.set()
 
     def acked(self, ack: wpb.OutcomeAck) -> None:
@@ -204,7 +208,7 @@ class SimWorker:
 
     def _on_assignment(self, assignment: wpb.Assignment, received: float) -> None:
         job, epoch = assignment.job, assignment.lease_epoch
-        self._tally.assigned(job, received)
+        self._tally.assigned(assignment, received)
         # Like the daemon: a job taken is not confirmed; its outcome follows.
         outcome = wpb.Outcome(
             job_id=job.id,
@@ -249,3 +253,7 @@ async def fleet(*, target: str, token: str, prefix: str, size: int, tally: Tally
         yield
     finally:
         await asyncio.gather(*(w.stop() for w in workers), return_exceptions=True)
+
+
+def _seconds(ts: Timestamp) -> float:
+    return ts.seconds + ts.nanos / 1e9

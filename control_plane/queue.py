@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import cached_property, partial
+from typing import NamedTuple
 
 from sqlalchemy.exc import IntegrityError
 
@@ -71,6 +72,21 @@ class _Outcome:
     refill: Refill | None = None
 
 
+class Leased(list[tuple[Job, Assignee]]):
+    """The jobs one claim leased, each with its assignee, and when the claim committed."""
+
+    committed_at: float = 0.0  # `Tx.committed_at`: where the jobs' dispatch latency starts
+
+
+class Recorded(NamedTuple):
+    """An outcome as recorded."""
+
+    job: Job
+    duplicate: bool  # a replay of the outcome already recorded
+    following: Job | None  # the job its transaction leased to the reporting session, if any
+    committed_at: float  # `Tx.committed_at` of that transaction
+
+
 _Kind = tuple[str, tuple[str, ...], tuple[str, ...]]  # workspace, job types, repo ids
 
 
@@ -87,7 +103,7 @@ class JobQueue(WorkerRecords):
         return GroupCommit(self._insert_jobs)
 
     @cached_property
-    def _outcomes(self) -> GroupCommit[_Outcome, tuple[Job, bool, Job | None]]:
+    def _outcomes(self) -> GroupCommit[_Outcome, Recorded]:
         return GroupCommit(self._record_outcomes)
 
     # -- submissions and reads -------------------------------------------------------------
@@ -207,7 +223,7 @@ class JobQueue(WorkerRecords):
         repo_ids: Sequence[str],
         slots: int,
         pick: Callable[[int], Sequence[Assignee]],
-    ) -> list[tuple[Job, Assignee]]:
+    ) -> Leased:
         """Atomically take up to ``slots`` pending jobs in priority order; ``pick(n)`` names the
         sessions for the ``n`` found (so an empty queue costs nothing per free session).
 
@@ -218,18 +234,22 @@ class JobQueue(WorkerRecords):
         try:
             async with self._write(direct=True) as tx:
                 _, (pending,) = await self._named_and_pending(tx, job_ids=(), claims=[claim])
-                return self._claimed(tx, pending, pick)
+                claimed = self._claimed(tx, pending, pick)
+            claimed.committed_at = tx.committed_at
+            return claimed
         except pg_direct.Fenced:
             log.info("a claim raced with another write; claiming again under row locks")
         async with self._write() as tx:
             (locked,) = await self._claimable(tx, [claim])
-            return self._claimed(tx, locked, pick)
+            claimed = self._claimed(tx, locked, pick)
+        claimed.committed_at = tx.committed_at
+        return claimed
 
-    def _claimed(
-        self, tx: Tx, pending: Sequence[Job], pick: Callable[[int], Sequence[Assignee]]
-    ) -> list[tuple[Job, Assignee]]:
+    def _claimed(self, tx: Tx, pending: Sequence[Job], pick: Callable[[int], Sequence[Assignee]]) -> Leased:
         assignees = pick(len(pending)) if pending else []
-        claimed = [(self._assign(tx, job, who), who) for job, who in zip(pending, assignees, strict=False)]
+        claimed = Leased(
+            (self._assign(tx, job, who), who) for job, who in zip(pending, assignees, strict=False)
+        )
         tx.saves += [
             (new, old.status, old.lease_epoch) for old, (new, _) in zip(pending, claimed, strict=False)
         ]
@@ -245,10 +265,10 @@ class JobQueue(WorkerRecords):
         status: JobStatus,
         result: JobResult,
         refill: Refill | None = None,
-    ) -> tuple[Job, bool, Job | None]:
-        """Apply a worker's outcome, fenced by ``epoch``; a replay returns ``duplicate=True``. With
+    ) -> Recorded:
+        """Apply a worker's outcome, fenced by ``epoch``; a replay is ``duplicate``. With
         ``refill``, the next pending job for the reporting session, if any, is assigned in the same
-        transaction (only when the outcome freed its slot) and returned third.
+        transaction (only when the outcome freed its slot) and returned as ``following``.
 
         Outcomes arriving together (from many worker streams) are recorded in one transaction.
         """
@@ -264,9 +284,7 @@ class JobQueue(WorkerRecords):
             )
         )
 
-    async def _record_outcomes(
-        self, outcomes: Sequence[_Outcome]
-    ) -> list[tuple[Job, bool, Job | None] | Exception]:
+    async def _record_outcomes(self, outcomes: Sequence[_Outcome]) -> list[Recorded | Exception]:
         """Record a batch of outcomes in one transaction; each gets its own answer.
 
         Every job of the batch is read in one statement, with the pending jobs the refilled
@@ -289,14 +307,14 @@ class JobQueue(WorkerRecords):
             async with self._write(direct=True) as tx:
                 jobs, pending = await self._named_and_pending(tx, job_ids=ids, claims=claims)
                 answers = self._decide_outcomes(tx, outcomes, jobs, dict(zip(wanted, pending, strict=True)))
-            return answers
+            return _stamped(answers, tx.committed_at)
         except pg_direct.Fenced:
             log.info("outcomes raced with another write; deciding them again under row locks")
         async with self._write() as tx:
             jobs = await jobs_store.get_many(tx.conn, job_ids=ids, lock=True)
             pending = await self._claimable(tx, claims)
             answers = self._decide_outcomes(tx, outcomes, jobs, dict(zip(wanted, pending, strict=True)))
-        return answers
+        return _stamped(answers, tx.committed_at)
 
     def _decide_outcomes(
         self,
@@ -450,6 +468,12 @@ class JobQueue(WorkerRecords):
                 for job in stale:
                     moved += await self._requeue(tx, job, reason)
         return moved
+
+
+def _stamped(
+    answers: Sequence[tuple[Job, bool, Job | None] | Exception], committed_at: float
+) -> list[Recorded | Exception]:
+    return [a if isinstance(a, Exception) else Recorded(*a, committed_at) for a in answers]
 
 
 def _validate(new: NewJob) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -59,7 +60,7 @@ class DirectDispatch(Protocol):
 
     def reserve(self, job: Job) -> Assignee | None: ...
 
-    def deliver(self, job: Job) -> None: ...
+    def deliver(self, job: Job, committed_at: float) -> None: ...
 
     def unreserve(self, job: Job) -> None: ...
 
@@ -80,8 +81,12 @@ class Tx:
     # (job, stored status, stored epoch) of rows this transaction has locked (FOR UPDATE, or
     # SQLite's write lock) and just read: the fence in the statement cannot fail for them.
     saves: list[tuple[Job, JobStatus, int]] = field(default_factory=list)
-    # Run the moment the commit is known, before anything else the transaction's end does.
-    on_commit: list[Callable[[], None]] = field(default_factory=list)
+    # Run the moment the commit is known, before anything else the transaction's end does, with
+    # that moment (`committed_at`).
+    on_commit: list[Callable[[float], None]] = field(default_factory=list)
+    # When the commit was known, by the wall clock (`time.time()`): where dispatch latency starts
+    # for the jobs the transaction leased. 0.0 until then.
+    committed_at: float = 0.0
     quiet: bool = False  # written without notifications (see dispatch.peers)
     claiming: list[str] = field(default_factory=list)  # pending jobs it read to claim (_take_pending)
 
@@ -139,7 +144,7 @@ class Transactions:
             finally:
                 if began is not None:
                     self._ended(began)
-            _run_all(tx.on_commit)
+            _committed(tx)
         elif direct:
             async with self._db.direct() as raw:
                 tx = Tx(sql=None, direct=raw, now=self._clock())
@@ -150,7 +155,7 @@ class Transactions:
                     self._ended(tx)
                 # The statement was its own transaction: committed. Before the connection goes
                 # back to its pool (a few turns of the event loop).
-                _run_all(tx.on_commit)
+                _committed(tx)
         else:
             began = None
             try:
@@ -163,7 +168,7 @@ class Transactions:
             finally:
                 if began is not None:
                     self._ended(began)  # after the commit, or the rollback
-            _run_all(tx.on_commit)
+            _committed(tx)
         self._hub.publish(published)
         for workspace_id in tx.available:
             self._on_available(workspace_id)
@@ -314,9 +319,10 @@ class Transactions:
             await self._statistics.refresh(raw)
 
 
-def _run_all(callbacks: Sequence[Callable[[], None]]) -> None:
-    for callback in callbacks:
-        callback()
+def _committed(tx: Tx) -> None:
+    tx.committed_at = time.time()
+    for callback in tx.on_commit:
+        callback(tx.committed_at)
 
 
 def _numbered(tx: Tx, last: dict[str, int]) -> list[Event]:

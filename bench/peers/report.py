@@ -72,10 +72,11 @@ Peer method: the same no-op job (enqueue → a worker starts it → done), warm-
 measured), then latency jobs at the first offered rate, one enqueue per job, open loop; then the
 throughput jobs enqueued by 8 concurrent enqueuers, one job per call. Latency = the task body's
 `time.time()` minus `time.time()` taken just before the enqueue call, so the insert and its commit
-are included, as in IAS's figure. Throughput = jobs / (first enqueue → the peer's own bookkeeping
-shows none pending: PgQueuer's queue table empty, Procrastinate's jobs all `succeeded`; Celery,
-with no result backend, when every task body has run). Every job's body must have run exactly once
-("ran exactly once" counts the throughput jobs for IAS, and every job of the run for a peer).
+are included; IAS's rows here are its latency "from creation", timed the same way. Throughput =
+jobs / (first enqueue → the peer's own bookkeeping shows none pending: PgQueuer's queue table
+empty, Procrastinate's jobs all `succeeded`; Celery, with no result backend, when every task body
+has run). Every job's body must have run exactly once ("ran exactly once" counts the throughput
+jobs for IAS, and every job of the run for a peer).
 PgQueuer and Procrastinate each get a fresh PostgreSQL database (dropped afterwards) and one worker
 process with their default settings (Procrastinate with concurrency 20, as IAS has 20 one-slot
 workers); Celery gets an empty Redis database number (flushed afterwards) and a prefork worker with

@@ -350,7 +350,7 @@ class WorkerServicer(wpb_grpc.WorkerServiceServicer):
         started = self._dispatcher.generation
         refill = self._dispatcher.refill_for(session, outcome.job_id, outcome.lease_epoch)
         try:
-            job, duplicate, following = await self._queue.record_outcome(
+            job, duplicate, following, committed_at = await self._queue.record_outcome(
                 workspace_id=session.workspace_id,
                 worker_id=session.worker_id,
                 job_id=outcome.job_id,
@@ -371,7 +371,7 @@ class WorkerServicer(wpb_grpc.WorkerServiceServicer):
                 session.send(wpb.ConnectResponse(outcome_ack=ack))
                 ack = None
             # With the next job claimed, one frame carries the ack and the assignment.
-            self._dispatcher.refilled(session, following, started, ack=ack)
+            self._dispatcher.refilled(session, following, started, committed_at=committed_at, ack=ack)
         else:
             session.send(wpb.ConnectResponse(outcome_ack=ack))
             # A requeue woke the dispatcher already; a freed slot is worth a claim only if jobs wait.

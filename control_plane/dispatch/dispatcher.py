@@ -96,13 +96,20 @@ class Dispatcher:
         )
 
     def refilled(
-        self, session: Session, job: Job | None, started: int, *, ack: wpb.OutcomeAck | None = None
+        self,
+        session: Session,
+        job: Job | None,
+        started: int,
+        *,
+        committed_at: float,
+        ack: wpb.OutcomeAck | None = None,
     ) -> None:
-        """The outcome's transaction claimed ``job`` for ``session`` (None: nothing was pending);
-        ``ack``, that outcome's acknowledgement, goes in the assignment's frame."""
+        """The outcome's transaction, committed at ``committed_at``, claimed ``job`` for
+        ``session`` (None: nothing was pending); ``ack``, that outcome's acknowledgement, goes in
+        the assignment's frame."""
         if job is not None:
             assert job.lease_expires_at is not None
-            _push(session, job, job.lease_expires_at, ack)
+            _push(session, job, job.lease_expires_at, committed_at, ack)
             return
         assert ack is None, "an ack rides only on an assignment"
         eligibility = session.eligibility
@@ -130,12 +137,12 @@ class Dispatcher:
                 return Assignee(worker_id=session.worker_id, session_id=session.id)
         return None
 
-    def deliver(self, job: Job) -> None:
+    def deliver(self, job: Job, committed_at: float) -> None:
         """The direct assignment of ``job`` was committed: send it to the session it was promised."""
         session = self._reserved.pop(job.id)
         session.reserved -= 1
         assert job.lease_expires_at is not None
-        _push(session, job, job.lease_expires_at)
+        _push(session, job, job.lease_expires_at, committed_at)
 
     def unreserve(self, job: Job) -> None:
         """The submit of ``job`` failed: its promised slot is free again."""
@@ -203,7 +210,7 @@ class Dispatcher:
             by_id = {s.id: s for s in free}
             for job, who in claimed:
                 assert job.lease_expires_at is not None
-                _push(by_id[who.session_id], job, job.lease_expires_at)
+                _push(by_id[who.session_id], job, job.lease_expires_at, claimed.committed_at)
             ready = self._ready[eligibility.workspace_id]
             if len(claimed) == slots:
                 saturated = True
@@ -240,7 +247,9 @@ def _spread(free: list[Session], n: int) -> list[Session]:
     return spread
 
 
-def _push(session: Session, job: Job, expires: datetime, ack: wpb.OutcomeAck | None = None) -> None:
+def _push(
+    session: Session, job: Job, expires: datetime, committed_at: float, ack: wpb.OutcomeAck | None = None
+) -> None:
     session.hold(job.id, job.lease_epoch, expires)
     frame = wpb.ConnectResponse(
         assignment=wpb.Assignment(
@@ -248,6 +257,7 @@ def _push(session: Session, job: Job, expires: datetime, ack: wpb.OutcomeAck | N
             lease_epoch=job.lease_epoch,
             lease_ttl=convert.duration(expires - job.updated_at),
             outcome_ack=ack,
+            committed_at=convert.unix_timestamp(committed_at),
         )
     )
     # A closed session keeps the job until the reconnect grace requeues it, like any lost stream.

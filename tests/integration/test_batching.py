@@ -4,6 +4,7 @@ answer, a bad request in a batch fails alone, and the event log stays gap-free."
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from ias.v1 import worker_service_pb2 as wpb
 from control_plane.domain.jobs import Job, JobResult, JobStatus
 from control_plane.domain.workers import Event, EventKind
 from control_plane.errors import NotFound, StaleLease
-from control_plane.queue import JobQueue, NewJob, Refill
+from control_plane.queue import JobQueue, NewJob, Recorded, Refill
 from control_plane.transactions import Assignee
 
 
@@ -117,7 +118,7 @@ async def test_a_stale_outcome_in_a_batch_is_rejected_without_touching_the_other
 
         def outcome(
             job: Job, *, epoch: int = 1, worker_id: str = "", summary: str = "ok"
-        ) -> Awaitable[tuple[Job, bool, Job | None]]:
+        ) -> Awaitable[Recorded]:
             return queue.record_outcome(
                 workspace_id="default",
                 worker_id=worker_id or job.worker_id,
@@ -236,7 +237,7 @@ async def test_an_outcome_claims_the_next_job_for_its_session_in_the_same_transa
         other, _ = await queue.submit(workspace_id="default", new=NewJob(type="other"))
         refill = Refill(types=("noop",), repo_ids=(), assignee=Assignee(a.worker_id, a.session_id))
 
-        def report(job: Job) -> Awaitable[tuple[Job, bool, Job | None]]:
+        def report(job: Job) -> Awaitable[Recorded]:
             return queue.record_outcome(
                 workspace_id="default",
                 worker_id=a.worker_id,
@@ -247,7 +248,9 @@ async def test_an_outcome_claims_the_next_job_for_its_session_in_the_same_transa
                 refill=refill,
             )
 
-        done, duplicate, following = await report(a)
+        before = time.time()
+        done, duplicate, following, committed_at = await report(a)
+        assert before <= committed_at <= time.time(), "stamped when its transaction committed"
         assert (done.status, duplicate) == (JobStatus.DONE, False)
         assert following is not None and following.id == b.id
         assert (following.status, following.worker_id, following.lease_epoch) == (
@@ -255,8 +258,8 @@ async def test_an_outcome_claims_the_next_job_for_its_session_in_the_same_transa
             a.worker_id,
             1,
         )
-        assert (await report(a))[1:] == (True, None)  # a replay frees no slot
-        _, _, nothing = await report(following)  # only a job of a type the session does not run waits
+        assert (await report(a))[1:3] == (True, None)  # a replay frees no slot
+        _, _, nothing, _ = await report(following)  # only a job of a type the session does not run waits
         assert nothing is None
         assert (await queue.get(workspace_id="default", job_id=other.id)).status is JobStatus.PENDING
 

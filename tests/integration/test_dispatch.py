@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -39,16 +41,56 @@ async def test_a_job_is_pushed_to_the_worker_that_can_run_it(tmp_path: Path) -> 
         await jobs.close()
 
 
-async def test_a_job_waits_for_a_worker_and_is_delivered_when_one_connects(tmp_path: Path) -> None:
+async def test_every_assignment_says_when_its_lease_was_committed(tmp_path: Path) -> None:
+    """Direct from the submit, from a dispatch round, and as the refill of an outcome: the frame's
+    committed_at lies after the claim began (the job's updated_at) and before the frame was read."""
+    async with running_plane(settings_for(tmp_path)) as cp:
+        jobs = JobsClient(cp.address, cp.admin)
+        waiting = [await jobs.submit("noop") for _ in range(2)]  # no worker yet: they wait
+        w = RawWorker(cp.address, cp.worker)
+        await w.hello("w1", reads_assignment_acks=True)
+        from_round = (await w.read("assignment")).assignment
+        read_round = time.time()
+        await w.send(
+            outcome=wpb.Outcome(job_id=from_round.job.id, lease_epoch=1, status=job_pb2.JOB_STATUS_DONE)
+        )
+        refilled = (await w.read("assignment")).assignment
+        read_refill = time.time()
+        assert refilled.HasField("outcome_ack"), "the refill of the outcome's freed slot"
+        await w.send(
+            outcome=wpb.Outcome(job_id=refilled.job.id, lease_epoch=1, status=job_pb2.JOB_STATUS_DONE)
+        )
+        await w.read("outcome_ack")
+        await asyncio.sleep(0.2)  # the freed slot is known idle: the next job goes in its submit
+        direct_job = await jobs.submit("noop")
+        direct = (await w.read("assignment")).assignment
+        read_direct = time.time()
+        assert {from_round.job.id, refilled.job.id} == {j.id for j in waiting}
+        assert direct.job.id == direct_job.id
+        for assignment, read_at in ((from_round, read_round), (refilled, read_refill), (direct, read_direct)):
+            committed = assignment.committed_at.seconds + assignment.committed_at.nanos / 1e9
+            claim_began = assignment.job.updated_at.seconds + assignment.job.updated_at.nanos / 1e9
+            assert claim_began <= committed <= read_at
+        await w.close()
+        await jobs.close()
+
+
+async def test_a_job_waits_for_a_worker_and_is_delivered_when_one_connects(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     async with running_plane(settings_for(tmp_path)) as cp:
         jobs = JobsClient(cp.address, cp.admin)
         job = await jobs.submit("noop", payload='{"seconds": 0}')
         await asyncio.sleep(0.2)
         assert (await jobs.get(job.id)).status == job_pb2.JOB_STATUS_PENDING
-        async with running_daemon(cp.address, cp.worker, "late"):
-            await eventually(lambda: _status(jobs, job.id, job_pb2.JOB_STATUS_DONE), what="job done")
-            done = await jobs.get(job.id)
-            assert (done.attempt, done.lease_epoch, done.result.summary) == (1, 1, "slept 0 s")
+        with caplog.at_level(logging.INFO, logger="worker.daemon"):
+            async with running_daemon(cp.address, cp.worker, "late"):
+                await eventually(lambda: _status(jobs, job.id, job_pb2.JOB_STATUS_DONE), what="job done")
+                done = await jobs.get(job.id)
+                assert (done.attempt, done.lease_epoch, done.result.summary) == (1, 1, "slept 0 s")
+        [started] = [r for r in caplog.records if r.getMessage() == "started job"]
+        # The worker logs how long the assignment took from the commit of its lease.
+        assert started.__dict__["job_id"] == job.id and 0 <= started.__dict__["dispatch_ms"] < 10_000
         await jobs.close()
 
 

@@ -51,7 +51,7 @@ async def test_a_refill_and_a_claim_side_by_side_take_different_jobs(
     assert running == held.id
     waiting = [(await queue.submit(workspace_id=WS, new=NewJob(type="noop")))[0].id for _ in range(2)]
     with caplog.at_level(logging.INFO, logger="control_plane.queue"):
-        (done, duplicate, following), claimed = await asyncio.gather(
+        (done, duplicate, following, _), claimed = await asyncio.gather(
             queue.record_outcome(
                 workspace_id=WS,
                 worker_id="w1",

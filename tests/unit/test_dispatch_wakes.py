@@ -132,10 +132,12 @@ async def test_a_delivered_direct_assignment_holds_the_slot_and_reaches_the_stre
     running = jobs_domain.assign(
         job, worker_id=who.worker_id, session_id=who.session_id, now=job.created_at, ttl=timedelta(minutes=1)
     )
-    dispatcher.deliver(running)
+    dispatcher.deliver(running, 1_795_000_000.25)
     assert session.held == {"job_1": 1} and session.reserved == 0 and session.free == 0
     frame = session.outbox.get_nowait()
     assert frame is not None and frame.assignment.job.id == "job_1" and frame.assignment.lease_epoch == 1
+    stamp = frame.assignment.committed_at
+    assert (stamp.seconds, stamp.nanos) == (1_795_000_000, 250_000_000)
     session.drop("job_1")
     dispatcher.slot_freed(session)  # the outcome came back: the session is ready again
     assert dispatcher.reserve(new_job(job_id="job_2")) == who

@@ -23,56 +23,57 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from ias.v1 import job_pb2 as ias_dot_v1_dot_job__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bias/v1/worker_service.proto\x12\x06ias.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x10ias/v1/job.proto\"\xcc\x02\n\x0e\x43onnectRequest\x12\x1e\n\x05hello\x18\x01 \x01(\x0b\x32\r.ias.v1.HelloH\x00\x12&\n\theartbeat\x18\x02 \x01(\x0b\x32\x11.ias.v1.HeartbeatH\x00\x12 \n\x06\x61\x63\x63\x65pt\x18\x03 \x01(\x0b\x32\x0e.ias.v1.AcceptH\x00\x12$\n\x08progress\x18\x04 \x01(\x0b\x32\x10.ias.v1.ProgressH\x00\x12\"\n\x07outcome\x18\x05 \x01(\x0b\x32\x0f.ias.v1.OutcomeH\x00\x12\"\n\x07release\x18\x06 \x01(\x0b\x32\x0f.ias.v1.ReleaseH\x00\x12\x33\n\x10\x64\x65\x63ision_request\x18\x07 \x01(\x0b\x32\x17.ias.v1.DecisionRequestH\x00\x12$\n\x08\x64raining\x18\x08 \x01(\x0b\x32\x10.ias.v1.DrainingH\x00\x42\x07\n\x05\x66rame\"\xde\x02\n\x0f\x43onnectResponse\x12\"\n\x07welcome\x18\x01 \x01(\x0b\x32\x0f.ias.v1.WelcomeH\x00\x12-\n\rheartbeat_ack\x18\x02 \x01(\x0b\x32\x14.ias.v1.HeartbeatAckH\x00\x12(\n\nassignment\x18\x03 \x01(\x0b\x32\x12.ias.v1.AssignmentH\x00\x12 \n\x06\x63\x61ncel\x18\x04 \x01(\x0b\x32\x0e.ias.v1.CancelH\x00\x12-\n\rlease_revoked\x18\x05 \x01(\x0b\x32\x14.ias.v1.LeaseRevokedH\x00\x12\x1e\n\x05\x64rain\x18\x06 \x01(\x0b\x32\r.ias.v1.DrainH\x00\x12)\n\x0boutcome_ack\x18\x07 \x01(\x0b\x32\x12.ias.v1.OutcomeAckH\x00\x12)\n\x08rejected\x18\x08 \x01(\x0b\x32\x15.ias.v1.FrameRejectedH\x00\x42\x07\n\x05\x66rame\".\n\x07HeldJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0blease_epoch\x18\x02 \x01(\x03\"\xa7\x01\n\x05Hello\x12\x13\n\x0bworker_name\x18\x01 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x02 \x03(\t\x12\r\n\x05slots\x18\x03 \x01(\x05\x12\x10\n\x08repo_ids\x18\x04 \x03(\t\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\"\n\theld_jobs\x18\x06 \x03(\x0b\x32\x0f.ias.v1.HeldJob\x12\x1d\n\x15reads_assignment_acks\x18\x07 \x01(\x08\"\x86\x02\n\x07Welcome\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x14\n\x0cworkspace_id\x18\x03 \x01(\t\x12\x35\n\x12heartbeat_interval\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\tlease_ttl\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x32\n\x0freconnect_grace\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12%\n\x0c\x61\x64opted_jobs\x18\x07 \x03(\x0b\x32\x0f.ias.v1.HeldJob\"g\n\tHeartbeat\x12\"\n\theld_jobs\x18\x01 \x03(\x0b\x32\x0f.ias.v1.HeldJob\x12\x12\n\nfree_slots\x18\x02 \x01(\x05\x12\"\n\treporting\x18\x03 \x03(\x0b\x32\x0f.ias.v1.HeldJob\"b\n\rLeaseStanding\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0blease_epoch\x18\x02 \x01(\x03\x12,\n\tremaining\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"5\n\x0cHeartbeatAck\x12%\n\x06leases\x18\x01 \x03(\x0b\x32\x15.ias.v1.LeaseStanding\"\x92\x01\n\nAssignment\x12\x18\n\x03job\x18\x01 \x01(\x0b\x32\x0b.ias.v1.Job\x12\x13\n\x0blease_epoch\x18\x02 \x01(\x03\x12,\n\tlease_ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\'\n\x0boutcome_ack\x18\x04 \x01(\x0b\x32\x12.ias.v1.OutcomeAck\"O\n\x06\x41\x63\x63\x65pt\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0blease_epoch\x18\x02 \x01(\x03\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\"@\n\x08Progress\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0blease_epoch\x18\x02 \x01(\x03\x12\x0f\n\x07message\x18\x03 \x01(\t\"t\n\x07Outcome\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0blease_epoch\x18\x02 \x01(\x03\x12!\n\x06status\x18\x03 \x01(\x0e\x32\x11.ias.v1.JobStatus\x12!\n\x06result\x18\x04 \x01(\x0b\x32\x11.ias.v1.JobResult\">\n\x07Release\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0blease_epoch\x18\x02 \x01(\x03\x12\x0e\n\x06reason\x18\x03 \x01(\t\"e\n\x0f\x44\x65\x63isionRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0blease_epoch\x18\x02 \x01(\x03\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x0f\n\x07options\x18\x04 \x03(\t\x12\x0c\n\x04tier\x18\x05 \x01(\t\"\x1a\n\x08\x44raining\x12\x0e\n\x06reason\x18\x01 \x01(\t\"=\n\x06\x43\x61ncel\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0blease_epoch\x18\x02 \x01(\x03\x12\x0e\n\x06reason\x18\x03 \x01(\t\"C\n\x0cLeaseRevoked\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0blease_epoch\x18\x02 \x01(\x03\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x17\n\x05\x44rain\x12\x0e\n\x06reason\x18\x01 \x01(\t\"D\n\nOutcomeAck\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0blease_epoch\x18\x02 \x01(\x03\x12\x11\n\tduplicate\x18\x03 \x01(\x08\"\\\n\rFrameRejected\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\r\n\x05\x66ield\x18\x04 \x01(\t\x12\r\n\x05\x66rame\x18\x05 \x01(\t2O\n\rWorkerService\x12>\n\x07\x43onnect\x12\x16.ias.v1.ConnectRequest\x1a\x17.ias.v1.ConnectResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bias/v1/worker_service.proto\x12\x06ias.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x10ias/v1/job.proto\"\xcc\x02\n\x0e\x43onnectRequest\x12\x1e\n\x05hello\x18\x01 \x01(\x0b\x32\r.ias.v1.HelloH\x00\x12&\n\theartbeat\x18\x02 \x01(\x0b\x32\x11.ias.v1.HeartbeatH\x00\x12 \n\x06\x61\x63\x63\x65pt\x18\x03 \x01(\x0b\x32\x0e.ias.v1.AcceptH\x00\x12$\n\x08progress\x18\x04 \x01(\x0b\x32\x10.ias.v1.ProgressH\x00\x12\"\n\x07outcome\x18\x05 \x01(\x0b\x32\x0f.ias.v1.OutcomeH\x00\x12\"\n\x07release\x18\x06 \x01(\x0b\x32\x0f.ias.v1.ReleaseH\x00\x12\x33\n\x10\x64\x65\x63ision_request\x18\x07 \x01(\x0b\x32\x17.ias.v1.DecisionRequestH\x00\x12$\n\x08\x64raining\x18\x08 \x01(\x0b\x32\x10.ias.v1.DrainingH\x00\x42\x07\n\x05\x66rame\"\xde\x02\n\x0f\x43onnectResponse\x12\"\n\x07welcome\x18\x01 \x01(\x0b\x32\x0f.ias.v1.WelcomeH\x00\x12-\n\rheartbeat_ack\x18\x02 \x01(\x0b\x32\x14.ias.v1.HeartbeatAckH\x00\x12(\n\nassignment\x18\x03 \x01(\x0b\x32\x12.ias.v1.AssignmentH\x00\x12 \n\x06\x63\x61ncel\x18\x04 \x01(\x0b\x32\x0e.ias.v1.CancelH\x00\x12-\n\rlease_revoked\x18\x05 \x01(\x0b\x32\x14.ias.v1.LeaseRevokedH\x00\x12\x1e\n\x05\x64rain\x18\x06 \x01(\x0b\x32\r.ias.v1.DrainH\x00\x12)\n\x0boutcome_ack\x18\x07 \x01(\x0b\x32\x12.ias.v1.OutcomeAckH\x00\x12)\n\x08rejected\x18\x08 \x01(\x0b\x32\x15.ias.v1.FrameRejectedH\x00\x42\x07\n\x05\x66rame\".\n\x07HeldJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0blease_epoch\x18\x02 \x01(\x03\"\xa7\x01\n\x05Hello\x12\x13\n\x0bworker_name\x18\x01 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x02 \x03(\t\x12\r\n\x05slots\x18\x03 \x01(\x05\x12\x10\n\x08repo_ids\x18\x04 \x03(\t\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\"\n\theld_jobs\x18\x06 \x03(\x0b\x32\x0f.ias.v1.HeldJob\x12\x1d\n\x15reads_assignment_acks\x18\x07 \x01(\x08\"\x86\x02\n\x07Welcome\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x14\n\x0cworkspace_id\x18\x03 \x01(\t\x12\x35\n\x12heartbeat_interval\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\tlease_ttl\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x32\n\x0freconnect_grace\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12%\n\x0c\x61\x64opted_jobs\x18\x07 \x03(\x0b\x32\x0f.ias.v1.HeldJob\"g\n\tHeartbeat\x12\"\n\theld_jobs\x18\x01 \x03(\x0b\x32\x0f.ias.v1.HeldJob\x12\x12\n\nfree_slots\x18\x02 \x01(\x05\x12\"\n\treporting\x18\x03 \x03(\x0b\x32\x0f.ias.v1.HeldJob\"b\n\rLeaseStanding\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0blease_epoch\x18\x02 \x01(\x03\x12,\n\tremaining\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"5\n\x0cHeartbeatAck\x12%\n\x06leases\x18\x01 \x03(\x0b\x32\x15.ias.v1.LeaseStanding\"\xc4\x01\n\nAssignment\x12\x18\n\x03job\x18\x01 \x01(\x0b\x32\x0b.ias.v1.Job\x12\x13\n\x0blease_epoch\x18\x02 \x01(\x03\x12,\n\tlease_ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\'\n\x0boutcome_ack\x18\x04 \x01(\x0b\x32\x12.ias.v1.OutcomeAck\x12\x30\n\x0c\x63ommitted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"O\n\x06\x41\x63\x63\x65pt\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0blease_epoch\x18\x02 \x01(\x03\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\"@\n\x08Progress\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0blease_epoch\x18\x02 \x01(\x03\x12\x0f\n\x07message\x18\x03 \x01(\t\"t\n\x07Outcome\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0blease_epoch\x18\x02 \x01(\x03\x12!\n\x06status\x18\x03 \x01(\x0e\x32\x11.ias.v1.JobStatus\x12!\n\x06result\x18\x04 \x01(\x0b\x32\x11.ias.v1.JobResult\">\n\x07Release\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0blease_epoch\x18\x02 \x01(\x03\x12\x0e\n\x06reason\x18\x03 \x01(\t\"e\n\x0f\x44\x65\x63isionRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0blease_epoch\x18\x02 \x01(\x03\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x0f\n\x07options\x18\x04 \x03(\t\x12\x0c\n\x04tier\x18\x05 \x01(\t\"\x1a\n\x08\x44raining\x12\x0e\n\x06reason\x18\x01 \x01(\t\"=\n\x06\x43\x61ncel\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0blease_epoch\x18\x02 \x01(\x03\x12\x0e\n\x06reason\x18\x03 \x01(\t\"C\n\x0cLeaseRevoked\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0blease_epoch\x18\x02 \x01(\x03\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x17\n\x05\x44rain\x12\x0e\n\x06reason\x18\x01 \x01(\t\"D\n\nOutcomeAck\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x13\n\x0blease_epoch\x18\x02 \x01(\x03\x12\x11\n\tduplicate\x18\x03 \x01(\x08\"\\\n\rFrameRejected\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\r\n\x05\x66ield\x18\x04 \x01(\t\x12\r\n\x05\x66rame\x18\x05 \x01(\t2O\n\rWorkerService\x12>\n\x07\x43onnect\x12\x16.ias.v1.ConnectRequest\x1a\x17.ias.v1.ConnectResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ias.v1.worker_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CONNECTREQUEST']._serialized_start=90
-  _globals['_CONNECTREQUEST']._serialized_end=422
-  _globals['_CONNECTRESPONSE']._serialized_start=425
-  _globals['_CONNECTRESPONSE']._serialized_end=775
-  _globals['_HELDJOB']._serialized_start=777
-  _globals['_HELDJOB']._serialized_end=823
-  _globals['_HELLO']._serialized_start=826
-  _globals['_HELLO']._serialized_end=993
-  _globals['_WELCOME']._serialized_start=996
-  _globals['_WELCOME']._serialized_end=1258
-  _globals['_HEARTBEAT']._serialized_start=1260
-  _globals['_HEARTBEAT']._serialized_end=1363
-  _globals['_LEASESTANDING']._serialized_start=1365
-  _globals['_LEASESTANDING']._serialized_end=1463
-  _globals['_HEARTBEATACK']._serialized_start=1465
-  _globals['_HEARTBEATACK']._serialized_end=1518
-  _globals['_ASSIGNMENT']._serialized_start=1521
-  _globals['_ASSIGNMENT']._serialized_end=1667
-  _globals['_ACCEPT']._serialized_start=1669
-  _globals['_ACCEPT']._serialized_end=1748
-  _globals['_PROGRESS']._serialized_start=1750
-  _globals['_PROGRESS']._serialized_end=1814
-  _globals['_OUTCOME']._serialized_start=1816
-  _globals['_OUTCOME']._serialized_end=1932
-  _globals['_RELEASE']._serialized_start=1934
-  _globals['_RELEASE']._serialized_end=1996
-  _globals['_DECISIONREQUEST']._serialized_start=1998
-  _globals['_DECISIONREQUEST']._serialized_end=2099
-  _globals['_DRAINING']._serialized_start=2101
-  _globals['_DRAINING']._serialized_end=2127
-  _globals['_CANCEL']._serialized_start=2129
-  _globals['_CANCEL']._serialized_end=2190
-  _globals['_LEASEREVOKED']._serialized_start=2192
-  _globals['_LEASEREVOKED']._serialized_end=2259
-  _globals['_DRAIN']._serialized_start=2261
-  _globals['_DRAIN']._serialized_end=2284
-  _globals['_OUTCOMEACK']._serialized_start=2286
-  _globals['_OUTCOMEACK']._serialized_end=2354
-  _globals['_FRAMEREJECTED']._serialized_start=2356
-  _globals['_FRAMEREJECTED']._serialized_end=2448
-  _globals['_WORKERSERVICE']._serialized_start=2450
-  _globals['_WORKERSERVICE']._serialized_end=2529
+  _globals['_CONNECTREQUEST']._serialized_start=123
+  _globals['_CONNECTREQUEST']._serialized_end=455
+  _globals['_CONNECTRESPONSE']._serialized_start=458
+  _globals['_CONNECTRESPONSE']._serialized_end=808
+  _globals['_HELDJOB']._serialized_start=810
+  _globals['_HELDJOB']._serialized_end=856
+  _globals['_HELLO']._serialized_start=859
+  _globals['_HELLO']._serialized_end=1026
+  _globals['_WELCOME']._serialized_start=1029
+  _globals['_WELCOME']._serialized_end=1291
+  _globals['_HEARTBEAT']._serialized_start=1293
+  _globals['_HEARTBEAT']._serialized_end=1396
+  _globals['_LEASESTANDING']._serialized_start=1398
+  _globals['_LEASESTANDING']._serialized_end=1496
+  _globals['_HEARTBEATACK']._serialized_start=1498
+  _globals['_HEARTBEATACK']._serialized_end=1551
+  _globals['_ASSIGNMENT']._serialized_start=1554
+  _globals['_ASSIGNMENT']._serialized_end=1750
+  _globals['_ACCEPT']._serialized_start=1752
+  _globals['_ACCEPT']._serialized_end=1831
+  _globals['_PROGRESS']._serialized_start=1833
+  _globals['_PROGRESS']._serialized_end=1897
+  _globals['_OUTCOME']._serialized_start=1899
+  _globals['_OUTCOME']._serialized_end=2015
+  _globals['_RELEASE']._serialized_start=2017
+  _globals['_RELEASE']._serialized_end=2079
+  _globals['_DECISIONREQUEST']._serialized_start=2081
+  _globals['_DECISIONREQUEST']._serialized_end=2182
+  _globals['_DRAINING']._serialized_start=2184
+  _globals['_DRAINING']._serialized_end=2210
+  _globals['_CANCEL']._serialized_start=2212
+  _globals['_CANCEL']._serialized_end=2273
+  _globals['_LEASEREVOKED']._serialized_start=2275
+  _globals['_LEASEREVOKED']._serialized_end=2342
+  _globals['_DRAIN']._serialized_start=2344
+  _globals['_DRAIN']._serialized_end=2367
+  _globals['_OUTCOMEACK']._serialized_start=2369
+  _globals['_OUTCOMEACK']._serialized_end=2437
+  _globals['_FRAMEREJECTED']._serialized_start=2439
+  _globals['_FRAMEREJECTED']._serialized_end=2531
+  _globals['_WORKERSERVICE']._serialized_start=2533
+  _globals['_WORKERSERVICE']._serialized_end=2612
 # @@protoc_insertion_point(module_scope)

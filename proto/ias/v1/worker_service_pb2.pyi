@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from ias.v1 import job_pb2 as _job_pb2
 import builtins as _builtins
@@ -398,6 +399,7 @@ class Assignment(_message.Message):
     LEASE_EPOCH_FIELD_NUMBER: _builtins.int
     LEASE_TTL_FIELD_NUMBER: _builtins.int
     OUTCOME_ACK_FIELD_NUMBER: _builtins.int
+    COMMITTED_AT_FIELD_NUMBER: _builtins.int
     lease_epoch: _builtins.int
     """The fencing token every later frame about this job must carry."""
     @_builtins.property
@@ -415,6 +417,12 @@ class Assignment(_message.Message):
         received just before this assignment.
         """
 
+    @_builtins.property
+    def committed_at(self) -> _timestamp_pb2.Timestamp:
+        """When the transaction that granted this lease committed, by the control plane's clock: where
+        the job's dispatch latency starts (its queueing time runs from job.created_at to here).
+        """
+
     def __init__(
         self,
         *,
@@ -422,10 +430,11 @@ class Assignment(_message.Message):
         lease_epoch: _builtins.int = ...,
         lease_ttl: _duration_pb2.Duration | None = ...,
         outcome_ack: Global___OutcomeAck | None = ...,
+        committed_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "lease_ttl", b"lease_ttl", "outcome_ack", b"outcome_ack"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["committed_at", b"committed_at", "job", b"job", "lease_ttl", b"lease_ttl", "outcome_ack", b"outcome_ack"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "lease_epoch", b"lease_epoch", "lease_ttl", b"lease_ttl", "outcome_ack", b"outcome_ack"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed_at", b"committed_at", "job", b"job", "lease_epoch", b"lease_epoch", "lease_ttl", b"lease_ttl", "outcome_ack", b"outcome_ack"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Final
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 from ias.v1 import job_pb2
 from ias.v1 import worker_service_pb2 as wpb
 from ias.v1 import worker_service_pb2_grpc as wpb_grpc
@@ -56,9 +55,9 @@ class Tally:
         if job.id in self.received_at:
             self.problem(f"job {job.id} was assigned twice")
         self.received_at[job.id] = received
-        self.created_at[job.id] = _seconds(job.created_at)
-        self.claimed_at[job.id] = _seconds(job.updated_at)
-        self.committed_at[job.id] = _seconds(assignment.committed_at)
+        self.created_at[job.id] = job.created_at.ToNanoseconds() / 1e9
+        self.claimed_at[job.id] = job.updated_at.ToNanoseconds() / 1e9
+        self.committed_at[job.id] = assignment.committed_at.ToNanoseconds() / 1e9
         self._changed.set()
 
     def acked(self, ack: wpb.OutcomeAck) -> None:
@@ -253,7 +252,3 @@ async def fleet(*, target: str, token: str, prefix: str, size: int, tally: Tally
         yield
     finally:
         await asyncio.gather(*(w.stop() for w in workers), return_exceptions=True)
-
-
-def _seconds(ts: Timestamp) -> float:
-    return ts.seconds + ts.nanos / 1e9

@@ -63,7 +63,7 @@ async def watch(
             return
         stream.responses += 1
         for event in reply.events or [reply.event]:
-            occurred = event.occurred_at.seconds + event.occurred_at.nanos / 1e9
+            occurred = event.occurred_at.ToNanoseconds() / 1e9
             stream.seqs.append(event.seq)
             if stream.measured and measure_from and occurred >= measure_from[0]:
                 stream.latencies_ms.append((now - occurred) * 1000)

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Final
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 from ias.v1 import job_pb2
 from ias.v1 import worker_service_pb2 as wpb
 from ias.v1 import worker_service_pb2_grpc as wpb_grpc
@@ -442,7 +441,9 @@ class WorkerDaemon:
         started: dict[str, object] = {"job_id": job.id, "attempt": job.attempt, "lease_epoch": running.epoch}
         if assignment.HasField("committed_at"):
             # By the control plane's clock: meaningful where the two clocks agree (one machine, NTP).
-            started["dispatch_ms"] = round((time.time() - _seconds(assignment.committed_at)) * 1000, 2)
+            started["dispatch_ms"] = round(
+                (time.time() - assignment.committed_at.ToNanoseconds() / 1e9) * 1000, 2
+            )
         log.info("started job", extra=started)
 
     # -- jobs ------------------------------------------------------------------------------
@@ -616,7 +617,3 @@ async def _raise_status(call: grpc.aio.StreamStreamCall[wpb.ConnectRequest, wpb.
         raise grpc.aio.AioRpcError(
             code, await call.initial_metadata(), await call.trailing_metadata(), details=await call.details()
         )
-
-
-def _seconds(ts: Timestamp) -> float:
-    return ts.seconds + ts.nanos / 1e9

@@ -68,8 +68,8 @@ async def test_every_assignment_says_when_its_lease_was_committed(tmp_path: Path
         assert {from_round.job.id, refilled.job.id} == {j.id for j in waiting}
         assert direct.job.id == direct_job.id
         for assignment, read_at in ((from_round, read_round), (refilled, read_refill), (direct, read_direct)):
-            committed = assignment.committed_at.seconds + assignment.committed_at.nanos / 1e9
-            claim_began = assignment.job.updated_at.seconds + assignment.job.updated_at.nanos / 1e9
+            committed = assignment.committed_at.ToNanoseconds() / 1e9
+            claim_began = assignment.job.updated_at.ToNanoseconds() / 1e9
             assert claim_began <= committed <= read_at
         await w.close()
         await jobs.close()

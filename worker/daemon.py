@@ -103,6 +103,10 @@ class _RunningJob:
     lease_deadline: float = 0.0  # monotonic; past it the lease cannot be proven
     last_progress: float = 0.0
 
+    def log_fields(self) -> dict[str, object]:
+        """The job's fields on the daemon's log lines about it."""
+        return {"job_id": self.job.id, "attempt": self.job.attempt, "lease_epoch": self.epoch}
+
 
 class WorkerDaemon:
     """Runs jobs pushed by the control plane until stopped."""
@@ -438,7 +442,7 @@ class WorkerDaemon:
         running.ctx._progress = lambda message: self._progress(running, message)
         self._jobs[job.id] = running
         running.task = asyncio.create_task(self._execute(running, handler), name=f"job {job.id}")
-        started: dict[str, object] = {"job_id": job.id, "attempt": job.attempt, "lease_epoch": running.epoch}
+        started = running.log_fields()
         if assignment.HasField("committed_at"):
             # By the control plane's clock: meaningful where the two clocks agree (one machine, NTP).
             started["dispatch_ms"] = round(
@@ -483,7 +487,7 @@ class WorkerDaemon:
         self.completed += 1
         log.info(
             "finished job",
-            extra={"job_id": running.job.id, "attempt": running.job.attempt, "lease_epoch": running.epoch},
+            extra=running.log_fields(),
         )
 
     def _progress(self, running: _RunningJob, message: str) -> None:
@@ -501,7 +505,7 @@ class WorkerDaemon:
         log.warning(
             "stopping job: %s",
             reason.value,
-            extra={"job_id": running.job.id, "attempt": running.job.attempt, "lease_epoch": running.epoch},
+            extra=running.log_fields(),
         )
         running.ctx._abort.set()
         if running.task is not None:

@@ -17,6 +17,7 @@ from bench.server import RunningServer
 from bench.simworker import Tally, fleet
 from bench.stats import CpuMeter, CpuUsage, Summary, summarise
 from worker.client import bearer, open_channel
+from worker.submitter import submitter
 
 log = logging.getLogger(__name__)
 
@@ -183,16 +184,14 @@ async def flood(stub: jpb_grpc.JobServiceAsyncStub, token: str, params: Throughp
     todo = iter(range(params.jobs))
     ids: list[str] = []
 
-    async def submitter() -> None:
-        for _ in todo:
-            reply = await stub.SubmitJob(
-                jpb.SubmitJobRequest(type="noop"), metadata=bearer(token), timeout=RPC_TIMEOUT_S
-            )
-            ids.append(reply.job.id)
-
     budget = RPC_TIMEOUT_S + params.jobs * 0.05  # generous: 20 jobs/s would be a disaster anyway
-    async with asyncio.timeout(budget):
-        await asyncio.gather(*(submitter() for _ in range(params.submitters)))
+    async with asyncio.timeout(budget), submitter(stub, bearer(token)) as stream:
+
+        async def submit_each() -> None:
+            for _ in todo:
+                ids.append((await stream.submit(jpb.SubmitJobRequest(type="noop"))).job.id)
+
+        await asyncio.gather(*(submit_each() for _ in range(params.submitters)))
     return ids
 
 

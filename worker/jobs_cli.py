@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import click
 import grpc
@@ -16,6 +17,7 @@ from ias.v1 import job_service_pb2_grpc as jpb_grpc
 
 from worker.cli import connection_options, fail
 from worker.client import bearer, open_channel
+from worker.submitter import StreamEnded, SubmitRefused, submitter
 
 T = TypeVar("T")
 _STATUSES = ["pending", "running", "done", "failed", "blocked", "cancelled"]
@@ -139,6 +141,117 @@ def submit(
     _print(job, as_json)
     if wait and job.status != job_pb2.JOB_STATUS_DONE:
         raise SystemExit(1)
+
+
+_LINE_FIELDS = {
+    "type": str,
+    "payload": dict,
+    "repo": str,
+    "priority": int,
+    "max_attempts": int,
+    "idempotency_key": str,
+    "run_id": str,
+}
+
+
+def parse_job_line(number: int, line: str) -> jpb.SubmitJobRequest:
+    """One line of a `submit-many` file as a request; a `click.UsageError` names what is wrong."""
+    try:
+        data = json.loads(line)
+    except ValueError as exc:
+        raise click.UsageError(f"line {number}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise click.UsageError(f"line {number}: must be a JSON object")
+    for key, value in data.items():
+        kind = _LINE_FIELDS.get(key)
+        if kind is None:
+            raise click.UsageError(f"line {number}: unknown field {key!r} (known: {', '.join(_LINE_FIELDS)})")
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise click.UsageError(f"line {number}: {key} must be a JSON {_JSON_NAMES[kind]}")
+    if not data.get("type"):
+        raise click.UsageError(f"line {number}: type is required")
+    return jpb.SubmitJobRequest(
+        type=data["type"],
+        repo_id=data.get("repo", ""),
+        payload_json=json.dumps(data.get("payload", {}), separators=(",", ":")),
+        priority=data.get("priority", 0),
+        max_attempts=data.get("max_attempts", 0),
+        idempotency_key=data.get("idempotency_key", ""),
+        run_id=data.get("run_id", ""),
+    )
+
+
+_JSON_NAMES = {str: "string", dict: "object", int: "integer"}
+
+
+@jobs.command("submit-many")
+@connection_options
+@click.argument("file", type=click.File("r"), default="-")
+@click.option(
+    "--in-flight",
+    type=click.IntRange(1, 256),
+    default=64,
+    show_default=True,
+    help="Submissions awaiting their commit at once.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines.")
+def submit_many(control_plane: str, token: str | None, file: IO[str], in_flight: int, as_json: bool) -> None:
+    """Submit one job per line of FILE (JSON lines; - or nothing reads standard input).
+
+    Each line is an object with "type" and optionally "payload", "repo", "priority",
+    "max_attempts", "idempotency_key" and "run_id", as for `ias jobs submit`. Every line is checked
+    before anything is sent. The jobs go over one stream, each committed on its own; one line per
+    job is printed in the file's order, its id or why it was refused. Exits 1 if any was refused.
+    """
+    requests = [
+        (number, parse_job_line(number, line)) for number, line in enumerate(file, start=1) if line.strip()
+    ]
+    outcomes: dict[int, job_pb2.Job | str] = {}
+
+    async def call(stub: jpb_grpc.JobServiceAsyncStub, md: Any) -> None:
+        todo = iter(requests)
+        async with submitter(stub, md) as stream:
+
+            async def submit_each() -> None:
+                for number, request in todo:
+                    try:
+                        outcomes[number] = (await stream.submit(request)).job
+                    except SubmitRefused as exc:
+                        outcomes[number] = str(exc)
+
+            await asyncio.gather(*(submit_each() for _ in range(min(in_flight, len(requests)) or 1)))
+
+    began = time.perf_counter()
+    try:
+        _run(control_plane, token, call)
+    except StreamEnded as exc:
+        fail(f"{exc}; {len(outcomes)} of {len(requests)} line(s) were answered (see above)")
+    finally:
+        refused = _print_outcomes(requests, outcomes, as_json)
+    took = time.perf_counter() - began
+    click.echo(f"{len(requests) - refused} job(s) submitted, {refused} refused, in {took:.2f} s", err=True)
+    if refused:
+        raise SystemExit(1)
+
+
+def _print_outcomes(
+    requests: list[tuple[int, jpb.SubmitJobRequest]], outcomes: dict[int, job_pb2.Job | str], as_json: bool
+) -> int:
+    refused = 0
+    for number, _ in requests:
+        outcome = outcomes.get(number)
+        if outcome is None:
+            continue
+        if isinstance(outcome, str):
+            refused += 1
+            click.echo(
+                json.dumps({"line": number, "error": outcome}) if as_json else f"line {number}: {outcome}"
+            )
+        elif as_json:
+            click.echo(json.dumps({"line": number, **job_json(outcome)}))
+        else:
+            click.echo(f"line {number}: {outcome.id}")
+    return refused
 
 
 @jobs.command("show")

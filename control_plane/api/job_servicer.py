@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Final
 
 import grpc
 from ias.v1 import job_service_pb2 as jpb
@@ -11,14 +13,21 @@ from ias.v1 import job_service_pb2_grpc as jpb_grpc
 from ias.v1 import worker_service_pb2 as wpb
 
 from control_plane.api import convert
-from control_plane.api.status import streaming, unary
+from control_plane.api.status import code_for, streaming, unary
 from control_plane.auth.tokens import current_principal
 from control_plane.dispatch.sessions import SessionRegistry
 from control_plane.domain.jobs import JobStatus
+from control_plane.errors import IasError
 from control_plane.events.hub import EventHub
 from control_plane.queue import JobQueue, NewJob
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
+log = logging.getLogger(__name__)
+
+# Requests of one SubmitJobs stream served at once; past that the handler stops reading, so a
+# client that sends faster than jobs commit is held back by gRPC's flow control.
+SUBMIT_WINDOW: Final = 256
+SUBMIT_DRAIN_S: Final = 30.0
 
 
 class JobServicer(jpb_grpc.JobServiceServicer):
@@ -31,8 +40,11 @@ class JobServicer(jpb_grpc.JobServiceServicer):
 
     @unary
     async def SubmitJob(self, request: jpb.SubmitJobRequest, context: Ctx) -> jpb.SubmitJobResponse:
+        return await self._submit(current_principal.get().workspace_id, request)
+
+    async def _submit(self, workspace_id: str, request: jpb.SubmitJobRequest) -> jpb.SubmitJobResponse:
         job, existing = await self._queue.submit(
-            workspace_id=current_principal.get().workspace_id,
+            workspace_id=workspace_id,
             new=NewJob(
                 type=request.type,
                 repo_id=request.repo_id,
@@ -44,6 +56,64 @@ class JobServicer(jpb_grpc.JobServiceServicer):
             ),
         )
         return jpb.SubmitJobResponse(job=convert.job_to_pb(job), existing=existing)
+
+    async def SubmitJobs(self, request_iterator: Any, context: Ctx) -> None:  # type: ignore[override]
+        # The handler writes; a task reads and starts one submission per request, each of which
+        # queues its answer. Submissions of one stream share group commits like concurrent calls.
+        workspace_id = current_principal.get().workspace_id
+        answers: asyncio.Queue[jpb.SubmitJobsResponse | None] = asyncio.Queue()
+        reader = asyncio.create_task(self._read_submissions(workspace_id, context, answers))
+        reader.add_done_callback(lambda _: answers.put_nowait(None))
+        try:
+            while (answer := await answers.get()) is not None:
+                await context.write(answer)
+        finally:
+            reader.cancel()
+        await reader  # a read that failed ends the call with its error
+
+    async def _read_submissions(
+        self, workspace_id: str, context: Ctx, answers: asyncio.Queue[jpb.SubmitJobsResponse | None]
+    ) -> None:
+        serving: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                if len(serving) >= SUBMIT_WINDOW:
+                    await asyncio.wait(serving, return_when=asyncio.FIRST_COMPLETED)
+                request = await context.read()
+                if request is grpc.aio.EOF:
+                    return
+                if not isinstance(request, jpb.SubmitJobsRequest):  # no seq to answer it by
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT, "request: not a valid SubmitJobsRequest"
+                    )
+                task = asyncio.create_task(self._submit_one(workspace_id, request, answers))
+                serving.add(task)
+                task.add_done_callback(serving.discard)
+        finally:
+            # Once the client is done sending, what it sent is answered before the call ends; if
+            # the call broke, submissions under way still finish (they may already be committed).
+            if serving:
+                await asyncio.wait(serving, timeout=SUBMIT_DRAIN_S)
+
+    async def _submit_one(
+        self,
+        workspace_id: str,
+        request: jpb.SubmitJobsRequest,
+        answers: asyncio.Queue[jpb.SubmitJobsResponse | None],
+    ) -> None:
+        try:
+            if not request.HasField("job"):
+                answer = _refused(request.seq, grpc.StatusCode.INVALID_ARGUMENT, "job: required")
+            else:
+                answer = jpb.SubmitJobsResponse(
+                    seq=request.seq, submitted=await self._submit(workspace_id, request.job)
+                )
+        except IasError as exc:
+            answer = _refused(request.seq, code_for(exc), exc.message)
+        except Exception:
+            log.exception("submission %d of a SubmitJobs stream failed", request.seq)
+            answer = _refused(request.seq, grpc.StatusCode.INTERNAL, "internal error; see the server log")
+        answers.put_nowait(answer)
 
     @unary
     async def GetJob(self, request: jpb.GetJobRequest, context: Ctx) -> jpb.GetJobResponse:
@@ -96,6 +166,10 @@ class JobServicer(jpb_grpc.JobServiceServicer):
         # The subscription overflowed: finish with the stored state rather than a gap.
         job = await self._queue.get(workspace_id=workspace_id, job_id=request.job_id)
         yield jpb.WatchJobResponse(job=convert.job_to_pb(job))
+
+
+def _refused(seq: int, code: grpc.StatusCode, message: str) -> jpb.SubmitJobsResponse:
+    return jpb.SubmitJobsResponse(seq=seq, error=jpb.SubmitError(code=code.name, message=message))
 
 
 def tell_holder(sessions: SessionRegistry, job_id: str, epoch: int) -> None:

@@ -40,6 +40,11 @@ class JobServiceStub:
                 request_serializer=ias_dot_v1_dot_job__service__pb2.SubmitJobRequest.SerializeToString,
                 response_deserializer=ias_dot_v1_dot_job__service__pb2.SubmitJobResponse.FromString,
                 _registered_method=True)
+        self.SubmitJobs = channel.stream_stream(
+                '/ias.v1.JobService/SubmitJobs',
+                request_serializer=ias_dot_v1_dot_job__service__pb2.SubmitJobsRequest.SerializeToString,
+                response_deserializer=ias_dot_v1_dot_job__service__pb2.SubmitJobsResponse.FromString,
+                _registered_method=True)
         self.GetJob = channel.unary_unary(
                 '/ias.v1.JobService/GetJob',
                 request_serializer=ias_dot_v1_dot_job__service__pb2.GetJobRequest.SerializeToString,
@@ -68,6 +73,16 @@ class JobServiceServicer:
 
     def SubmitJob(self, request, context):
         """SubmitJob adds a job to the queue; it is pushed to an eligible worker at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitJobs(self, request_iterator, context):
+        """SubmitJobs submits many jobs over one stream, as a database connection carries many inserts:
+        each request is one job, committed on its own and answered by one response carrying the
+        request's seq, in the order the jobs commit. An invalid request is answered with its error and
+        the stream goes on. At most 256 requests are served at once; past that the server stops reading.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -109,6 +124,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.SubmitJob,
                     request_deserializer=ias_dot_v1_dot_job__service__pb2.SubmitJobRequest.FromString,
                     response_serializer=ias_dot_v1_dot_job__service__pb2.SubmitJobResponse.SerializeToString,
+            ),
+            'SubmitJobs': grpc.stream_stream_rpc_method_handler(
+                    servicer.SubmitJobs,
+                    request_deserializer=ias_dot_v1_dot_job__service__pb2.SubmitJobsRequest.FromString,
+                    response_serializer=ias_dot_v1_dot_job__service__pb2.SubmitJobsResponse.SerializeToString,
             ),
             'GetJob': grpc.unary_unary_rpc_method_handler(
                     servicer.GetJob,
@@ -159,6 +179,33 @@ class JobService:
             '/ias.v1.JobService/SubmitJob',
             ias_dot_v1_dot_job__service__pb2.SubmitJobRequest.SerializeToString,
             ias_dot_v1_dot_job__service__pb2.SubmitJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitJobs(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/ias.v1.JobService/SubmitJobs',
+            ias_dot_v1_dot_job__service__pb2.SubmitJobsRequest.SerializeToString,
+            ias_dot_v1_dot_job__service__pb2.SubmitJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,

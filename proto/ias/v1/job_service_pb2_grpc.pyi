@@ -35,6 +35,12 @@ class JobServiceStub:
     def __new__(cls, channel: _aio.Channel) -> JobServiceAsyncStub: ...
     SubmitJob: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.SubmitJobRequest, _job_service_pb2.SubmitJobResponse]
     """SubmitJob adds a job to the queue; it is pushed to an eligible worker at once."""
+    SubmitJobs: _grpc.StreamStreamMultiCallable[_job_service_pb2.SubmitJobsRequest, _job_service_pb2.SubmitJobsResponse]
+    """SubmitJobs submits many jobs over one stream, as a database connection carries many inserts:
+    each request is one job, committed on its own and answered by one response carrying the
+    request's seq, in the order the jobs commit. An invalid request is answered with its error and
+    the stream goes on. At most 256 requests are served at once; past that the server stops reading.
+    """
     GetJob: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.GetJobRequest, _job_service_pb2.GetJobResponse]
     """GetJob returns one job."""
     ListJobs: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.ListJobsRequest, _job_service_pb2.ListJobsResponse]
@@ -53,6 +59,12 @@ class JobServiceAsyncStub(JobServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     SubmitJob: _aio.UnaryUnaryMultiCallable[_job_service_pb2.SubmitJobRequest, _job_service_pb2.SubmitJobResponse]  # type: ignore[assignment]
     """SubmitJob adds a job to the queue; it is pushed to an eligible worker at once."""
+    SubmitJobs: _aio.StreamStreamMultiCallable[_job_service_pb2.SubmitJobsRequest, _job_service_pb2.SubmitJobsResponse]  # type: ignore[assignment]
+    """SubmitJobs submits many jobs over one stream, as a database connection carries many inserts:
+    each request is one job, committed on its own and answered by one response carrying the
+    request's seq, in the order the jobs commit. An invalid request is answered with its error and
+    the stream goes on. At most 256 requests are served at once; past that the server stops reading.
+    """
     GetJob: _aio.UnaryUnaryMultiCallable[_job_service_pb2.GetJobRequest, _job_service_pb2.GetJobResponse]  # type: ignore[assignment]
     """GetJob returns one job."""
     ListJobs: _aio.UnaryUnaryMultiCallable[_job_service_pb2.ListJobsRequest, _job_service_pb2.ListJobsResponse]  # type: ignore[assignment]
@@ -74,6 +86,18 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_job_service_pb2.SubmitJobResponse, _abc.Awaitable[_job_service_pb2.SubmitJobResponse]]:
         """SubmitJob adds a job to the queue; it is pushed to an eligible worker at once."""
+
+    @_abc_1.abstractmethod
+    def SubmitJobs(
+        self,
+        request_iterator: _MaybeAsyncIterator[_job_service_pb2.SubmitJobsRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_job_service_pb2.SubmitJobsResponse], _abc.AsyncIterator[_job_service_pb2.SubmitJobsResponse]]:
+        """SubmitJobs submits many jobs over one stream, as a database connection carries many inserts:
+        each request is one job, committed on its own and answered by one response carrying the
+        request's seq, in the order the jobs commit. An invalid request is answered with its error and
+        the stream goes on. At most 256 requests are served at once; past that the server stops reading.
+        """
 
     @_abc_1.abstractmethod
     def GetJob(

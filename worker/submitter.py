@@ -12,7 +12,7 @@ import asyncio
 import itertools
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Final
 
 import grpc
 from ias.v1 import job_service_pb2 as jpb
@@ -35,52 +35,76 @@ class StreamEnded(Exception):
     """
 
 
+# Submissions queued while a write is under way go together in the next request, up to this size.
+REQUEST_BYTES: Final = 1024 * 1024
+
+
 class Submitter:
     """Submits jobs over one open SubmitJobs call; `submit` may be awaited from many tasks at once."""
 
     def __init__(self, call: Any) -> None:
         self._call = call
         self._seq = itertools.count(1)
-        self._waiting: dict[int, asyncio.Future[jpb.SubmitJobsResponse]] = {}
-        self._writing = asyncio.Lock()  # gRPC allows one write in flight per call
+        self._waiting: dict[int, asyncio.Future[jpb.SubmissionResult]] = {}
+        self._queued: list[jpb.Submission] = []
+        self._wake = asyncio.Event()
+        self._closing = False
         self._ended: BaseException | None = None
         self._reader = asyncio.create_task(self._read_loop(), name="SubmitJobs reader")
+        self._writer = asyncio.create_task(self._write_loop(), name="SubmitJobs writer")
 
     async def submit(self, request: jpb.SubmitJobRequest) -> jpb.SubmitJobResponse:
         """Store one job; raises `SubmitRefused` for a refused request, `StreamEnded` if the call broke."""
-        if self._ended is not None:
-            raise StreamEnded(f"the submission stream has ended: {_describe(self._ended)}")
+        if self._ended is not None or self._closing:
+            raise StreamEnded(f"the submission stream has ended: {_describe(self._ended or 'closed')}")
         seq = next(self._seq)
-        answer: asyncio.Future[jpb.SubmitJobsResponse] = asyncio.get_running_loop().create_future()
+        answer: asyncio.Future[jpb.SubmissionResult] = asyncio.get_running_loop().create_future()
         self._waiting[seq] = answer
-        try:
-            async with self._writing:
-                await self._call.write(jpb.SubmitJobsRequest(seq=seq, job=request))
-        except BaseException as exc:
-            self._waiting.pop(seq, None)
-            if isinstance(exc, (grpc.RpcError, asyncio.InvalidStateError)):
-                raise StreamEnded(f"the submission stream has ended: {_describe(exc)}") from exc
-            raise
-        reply = await answer
-        if reply.HasField("error"):
-            raise SubmitRefused(reply.error.code, reply.error.message)
-        return reply.submitted
+        self._queued.append(jpb.Submission(seq=seq, job=request))
+        self._wake.set()
+        result = await answer
+        if result.HasField("error"):
+            raise SubmitRefused(result.error.code, result.error.message)
+        return result.submitted
 
     async def close(self) -> None:
-        """Half-close the stream and wait until every submission sent has been answered."""
-        if self._ended is None:
-            async with self._writing:
-                try:
-                    await self._call.done_writing()
-                except (grpc.RpcError, asyncio.InvalidStateError):
-                    pass  # the reader records how the call ended
-        await asyncio.shield(self._reader)
+        """Send what is queued, half-close the stream and wait until every submission is answered."""
+        self._closing = True
+        self._wake.set()
+        await asyncio.shield(asyncio.gather(self._writer, self._reader))
         if isinstance(self._ended, grpc.aio.AioRpcError):
             raise StreamEnded(f"the submission stream has ended: {_describe(self._ended)}")
 
     def cancel(self) -> None:
         self._call.cancel()
+        self._writer.cancel()
         self._reader.cancel()
+
+    async def _write_loop(self) -> None:
+        # gRPC allows one write in flight per call: what is submitted meanwhile waits, then goes
+        # together in one request.
+        try:
+            while True:
+                while not self._queued:
+                    if self._ended is not None:
+                        return
+                    if self._closing:
+                        await self._call.done_writing()
+                        return
+                    self._wake.clear()
+                    await self._wake.wait()
+                size = 0
+                count = 0
+                for submission in self._queued:
+                    size += submission.ByteSize()
+                    if count and size > REQUEST_BYTES:
+                        break
+                    count += 1
+                batch = self._queued[:count]
+                del self._queued[:count]
+                await self._call.write(jpb.SubmitJobsRequest(submissions=batch))
+        except (grpc.RpcError, asyncio.InvalidStateError):
+            self._call.cancel()  # the reader records how the call ended and fails the waiting
 
     async def _read_loop(self) -> None:
         ended: BaseException = StreamEnded("the control plane ended the stream")
@@ -89,20 +113,23 @@ class Submitter:
                 reply = await self._call.read()
                 if reply is grpc.aio.EOF:
                     break
-                answer = self._waiting.pop(reply.seq, None)
-                if answer is not None and not answer.done():
-                    answer.set_result(reply)
+                for result in reply.results:
+                    answer = self._waiting.pop(result.seq, None)
+                    if answer is not None and not answer.done():
+                        answer.set_result(result)
         except (grpc.aio.AioRpcError, asyncio.CancelledError) as exc:
             ended = exc
         finally:
             self._ended = ended
+            self._queued.clear()
+            self._wake.set()
             waiting, self._waiting = self._waiting, {}
             for answer in waiting.values():
                 if not answer.done():
                     answer.set_exception(StreamEnded(f"the submission stream has ended: {_describe(ended)}"))
 
 
-def _describe(exc: BaseException) -> str:
+def _describe(exc: BaseException | str) -> str:
     if isinstance(exc, grpc.aio.AioRpcError):
         return f"{exc.code().name.lower()}: {exc.details()}"
     return str(exc) or type(exc).__name__

@@ -24,10 +24,13 @@ from control_plane.queue import JobQueue, NewJob
 Ctx = grpc.aio.ServicerContext[Any, Any]
 log = logging.getLogger(__name__)
 
-# Requests of one SubmitJobs stream served at once; past that the handler stops reading, so a
-# client that sends faster than jobs commit is held back by gRPC's flow control.
+# Submissions of one SubmitJobs stream under way at once; past that the handler stops reading, so
+# a client that sends faster than jobs commit is held back by gRPC's flow control.
 SUBMIT_WINDOW: Final = 256
 SUBMIT_DRAIN_S: Final = 30.0
+# Results go together in one response up to this size (a job may carry 256 KiB of payload; a
+# client accepts 4 MiB messages).
+RESPONSE_BYTES: Final = 1024 * 1024
 
 
 class JobServicer(jpb_grpc.JobServiceServicer):
@@ -58,26 +61,24 @@ class JobServicer(jpb_grpc.JobServiceServicer):
         return jpb.SubmitJobResponse(job=convert.job_to_pb(job), existing=existing)
 
     async def SubmitJobs(self, request_iterator: Any, context: Ctx) -> None:  # type: ignore[override]
-        # The handler writes; a task reads and starts one submission per request, each of which
-        # queues its answer. Submissions of one stream share group commits like concurrent calls.
+        # The handler writes; a task reads and starts one submission per job, each of which adds
+        # its result for the writer. Results that are ready together go in one response.
         workspace_id = current_principal.get().workspace_id
-        answers: asyncio.Queue[jpb.SubmitJobsResponse | None] = asyncio.Queue()
-        reader = asyncio.create_task(self._read_submissions(workspace_id, context, answers))
-        reader.add_done_callback(lambda _: answers.put_nowait(None))
+        results = _Results()
+        reader = asyncio.create_task(self._read_submissions(workspace_id, context, results))
+        reader.add_done_callback(lambda _: results.close())
         try:
-            while (answer := await answers.get()) is not None:
-                await context.write(answer)
+            while batch := await results.take():
+                await context.write(jpb.SubmitJobsResponse(results=batch))
         finally:
             reader.cancel()
         await reader  # a read that failed ends the call with its error
 
-    async def _read_submissions(
-        self, workspace_id: str, context: Ctx, answers: asyncio.Queue[jpb.SubmitJobsResponse | None]
-    ) -> None:
+    async def _read_submissions(self, workspace_id: str, context: Ctx, results: _Results) -> None:
         serving: set[asyncio.Task[None]] = set()
         try:
             while True:
-                if len(serving) >= SUBMIT_WINDOW:
+                while len(serving) >= SUBMIT_WINDOW:
                     await asyncio.wait(serving, return_when=asyncio.FIRST_COMPLETED)
                 request = await context.read()
                 if request is grpc.aio.EOF:
@@ -86,34 +87,31 @@ class JobServicer(jpb_grpc.JobServiceServicer):
                     await context.abort(
                         grpc.StatusCode.INVALID_ARGUMENT, "request: not a valid SubmitJobsRequest"
                     )
-                task = asyncio.create_task(self._submit_one(workspace_id, request, answers))
-                serving.add(task)
-                task.add_done_callback(serving.discard)
+                for submission in request.submissions:
+                    task = asyncio.create_task(self._submit_one(workspace_id, submission, results))
+                    serving.add(task)
+                    task.add_done_callback(serving.discard)
         finally:
             # Once the client is done sending, what it sent is answered before the call ends; if
             # the call broke, submissions under way still finish (they may already be committed).
             if serving:
                 await asyncio.wait(serving, timeout=SUBMIT_DRAIN_S)
 
-    async def _submit_one(
-        self,
-        workspace_id: str,
-        request: jpb.SubmitJobsRequest,
-        answers: asyncio.Queue[jpb.SubmitJobsResponse | None],
-    ) -> None:
+    async def _submit_one(self, workspace_id: str, submission: jpb.Submission, results: _Results) -> None:
+        seq = submission.seq
         try:
-            if not request.HasField("job"):
-                answer = _refused(request.seq, grpc.StatusCode.INVALID_ARGUMENT, "job: required")
+            if not submission.HasField("job"):
+                result = _refused(seq, grpc.StatusCode.INVALID_ARGUMENT, "job: required")
             else:
-                answer = jpb.SubmitJobsResponse(
-                    seq=request.seq, submitted=await self._submit(workspace_id, request.job)
+                result = jpb.SubmissionResult(
+                    seq=seq, submitted=await self._submit(workspace_id, submission.job)
                 )
         except IasError as exc:
-            answer = _refused(request.seq, code_for(exc), exc.message)
+            result = _refused(seq, code_for(exc), exc.message)
         except Exception:
-            log.exception("submission %d of a SubmitJobs stream failed", request.seq)
-            answer = _refused(request.seq, grpc.StatusCode.INTERNAL, "internal error; see the server log")
-        answers.put_nowait(answer)
+            log.exception("submission %d of a SubmitJobs stream failed", seq)
+            result = _refused(seq, grpc.StatusCode.INTERNAL, "internal error; see the server log")
+        results.add(result)
 
     @unary
     async def GetJob(self, request: jpb.GetJobRequest, context: Ctx) -> jpb.GetJobResponse:
@@ -168,8 +166,43 @@ class JobServicer(jpb_grpc.JobServiceServicer):
         yield jpb.WatchJobResponse(job=convert.job_to_pb(job))
 
 
-def _refused(seq: int, code: grpc.StatusCode, message: str) -> jpb.SubmitJobsResponse:
-    return jpb.SubmitJobsResponse(seq=seq, error=jpb.SubmitError(code=code.name, message=message))
+def _refused(seq: int, code: grpc.StatusCode, message: str) -> jpb.SubmissionResult:
+    return jpb.SubmissionResult(seq=seq, error=jpb.SubmitError(code=code.name, message=message))
+
+
+class _Results:
+    """Results of one SubmitJobs stream waiting for its writer, taken together."""
+
+    def __init__(self) -> None:
+        self._ready: list[jpb.SubmissionResult] = []
+        self._closed = False
+        self._wake = asyncio.Event()
+
+    def add(self, result: jpb.SubmissionResult) -> None:
+        self._ready.append(result)
+        self._wake.set()
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+
+    async def take(self) -> list[jpb.SubmissionResult]:
+        """What is ready, at most about RESPONSE_BYTES of it (at least one); empty once closed."""
+        while not self._ready:
+            if self._closed:
+                return []
+            self._wake.clear()
+            await self._wake.wait()
+        size = 0
+        count = 0
+        for result in self._ready:
+            size += result.ByteSize()
+            if count and size > RESPONSE_BYTES:
+                break
+            count += 1
+        batch = self._ready[:count]
+        del self._ready[:count]
+        return batch
 
 
 def tell_holder(sessions: SessionRegistry, job_id: str, epoch: int) -> None:

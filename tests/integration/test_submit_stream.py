@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -17,7 +18,7 @@ from test_protocol_errors import dump
 
 from control_plane.api.job_servicer import SUBMIT_WINDOW
 from worker.client import bearer, open_channel
-from worker.submitter import StreamEnded, SubmitRefused, submitter
+from worker.submitter import StreamEnded, SubmitRefused, Submitter, submitter
 
 
 async def list_all(client: JobsClient) -> list[job_pb2.Job]:
@@ -55,6 +56,50 @@ async def test_concurrent_submissions_share_one_stream_and_each_gets_its_own_job
         await client.close()
 
 
+class CountingCall:
+    """A SubmitJobs call that counts the messages each way."""
+
+    def __init__(self, call: Any) -> None:
+        self.call = call
+        self.requests: list[int] = []  # submissions per request
+        self.responses: list[int] = []  # results per response
+
+    async def write(self, request: jpb.SubmitJobsRequest) -> None:
+        self.requests.append(len(request.submissions))
+        await self.call.write(request)
+
+    async def read(self) -> Any:
+        reply = await self.call.read()
+        if reply is not grpc.aio.EOF:
+            self.responses.append(len(reply.results))
+        return reply
+
+    async def done_writing(self) -> None:
+        await self.call.done_writing()
+
+    def cancel(self) -> None:
+        self.call.cancel()
+
+
+async def test_submissions_and_results_ready_together_share_a_message(tmp_path: Path) -> None:
+    async with running_plane(settings_for(tmp_path)) as cp:
+        client = JobsClient(cp.address, cp.admin)
+        call = CountingCall(client.stub.SubmitJobs(metadata=client.md))
+        stream = Submitter(call)
+        async with asyncio.timeout(20):
+            replies = await asyncio.gather(
+                *(stream.submit(jpb.SubmitJobRequest(type="noop")) for _ in range(64))
+            )
+            await stream.close()
+        assert len({r.job.id for r in replies}) == 64
+        assert sum(call.requests) == sum(call.responses) == 64
+        # Submitted in one turn of the loop: one request. Committed in group commits: fewer
+        # responses than jobs.
+        assert call.requests == [64]
+        assert len(call.responses) < 64
+        await client.close()
+
+
 async def test_a_submitted_job_goes_to_an_idle_worker_and_keys_stay_idempotent(tmp_path: Path) -> None:
     async with running_plane(settings_for(tmp_path)) as cp:
         w = RawWorker(cp.address, cp.worker)
@@ -77,19 +122,19 @@ async def test_a_refused_request_is_answered_with_its_error_and_the_stream_goes_
         before = await dump(cp.plane)
         call = client.stub.SubmitJobs(metadata=client.md)
         bad = [
-            jpb.SubmitJobsRequest(seq=1, job=jpb.SubmitJobRequest(type="")),
-            jpb.SubmitJobsRequest(seq=2, job=jpb.SubmitJobRequest(type="noop", payload_json="[1]")),
-            jpb.SubmitJobsRequest(seq=3),
-            jpb.SubmitJobsRequest(seq=4, job=jpb.SubmitJobRequest(type="noop", priority=-1)),
+            jpb.Submission(seq=1, job=jpb.SubmitJobRequest(type="")),
+            jpb.Submission(seq=2, job=jpb.SubmitJobRequest(type="noop", payload_json="[1]")),
+            jpb.Submission(seq=3),
+            jpb.Submission(seq=4, job=jpb.SubmitJobRequest(type="noop", priority=-1)),
         ]
         async with asyncio.timeout(10):
-            for request in bad:
-                await call.write(request)
+            await call.write(jpb.SubmitJobsRequest(submissions=bad[:2]))
+            await call.write(jpb.SubmitJobsRequest(submissions=bad[2:]))
             errors = {}
-            for _ in bad:
-                reply = await call.read()
-                assert reply.WhichOneof("result") == "error"
-                errors[reply.seq] = reply.error
+            while len(errors) < len(bad):
+                for result in (await call.read()).results:
+                    assert result.WhichOneof("result") == "error"
+                    errors[result.seq] = result.error
             assert {seq: e.code for seq, e in errors.items()} == dict.fromkeys(
                 (1, 2, 3, 4), "INVALID_ARGUMENT"
             )
@@ -98,8 +143,12 @@ async def test_a_refused_request_is_answered_with_its_error_and_the_stream_goes_
             assert errors[3].message == "job: required"
             assert "priority" in errors[4].message
             assert await dump(cp.plane) == before  # nothing stored for them
-            await call.write(jpb.SubmitJobsRequest(seq=5, job=jpb.SubmitJobRequest(type="noop")))
-            good = await call.read()
+            await call.write(
+                jpb.SubmitJobsRequest(
+                    submissions=[jpb.Submission(seq=5, job=jpb.SubmitJobRequest(type="noop"))]
+                )
+            )
+            (good,) = (await call.read()).results
             assert (good.seq, good.WhichOneof("result")) == (5, "submitted")
             await call.done_writing()
             assert await call.read() is grpc.aio.EOF
@@ -123,16 +172,23 @@ async def test_more_requests_than_the_window_are_all_answered(tmp_path: Path) ->
         call = client.stub.SubmitJobs(metadata=client.md)
 
         async def send_all() -> None:
-            for seq in range(1, count + 1):
-                await call.write(jpb.SubmitJobsRequest(seq=seq, job=jpb.SubmitJobRequest(type="noop")))
+            for seq in range(1, count + 1, 3):  # several submissions per request too
+                await call.write(
+                    jpb.SubmitJobsRequest(
+                        submissions=[
+                            jpb.Submission(seq=s, job=jpb.SubmitJobRequest(type="noop"))
+                            for s in range(seq, min(seq + 3, count + 1))
+                        ]
+                    )
+                )
             await call.done_writing()
 
         async with asyncio.timeout(60):
             sender = asyncio.create_task(send_all())
             seen = []
             while (reply := await call.read()) is not grpc.aio.EOF:
-                assert reply.WhichOneof("result") == "submitted"
-                seen.append(reply.seq)
+                assert {r.WhichOneof("result") for r in reply.results} == {"submitted"}
+                seen += [r.seq for r in reply.results]
             await sender
         assert sorted(seen) == list(range(1, count + 1))
         assert await call.code() == grpc.StatusCode.OK

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from ias.v1 import job_pb2 as ias_dot_v1_dot_job__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18ias/v1/job_service.proto\x12\x06ias.v1\x1a\x10ias/v1/job.proto\"\x98\x01\n\x10SubmitJobRequest\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0f\n\x07repo_id\x18\x02 \x01(\t\x12\x14\n\x0cpayload_json\x18\x03 \x01(\t\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x14\n\x0cmax_attempts\x18\x05 \x01(\x05\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\t\x12\x0e\n\x06run_id\x18\x07 \x01(\t\"?\n\x11SubmitJobResponse\x12\x18\n\x03job\x18\x01 \x01(\x0b\x32\x0b.ias.v1.Job\x12\x10\n\x08\x65xisting\x18\x02 \x01(\x08\"G\n\x11SubmitJobsRequest\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12%\n\x03job\x18\x02 \x01(\x0b\x32\x18.ias.v1.SubmitJobRequest\"\x81\x01\n\x12SubmitJobsResponse\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12.\n\tsubmitted\x18\x02 \x01(\x0b\x32\x19.ias.v1.SubmitJobResponseH\x00\x12$\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x13.ias.v1.SubmitErrorH\x00\x42\x08\n\x06result\",\n\x0bSubmitError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"*\n\x0eGetJobResponse\x12\x18\n\x03job\x18\x01 \x01(\x0b\x32\x0b.ias.v1.Job\"d\n\x0fListJobsRequest\x12!\n\x06status\x18\x01 \x01(\x0e\x32\x11.ias.v1.JobStatus\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\r\n\x05limit\x18\x03 \x01(\x05\x12\x11\n\tbefore_id\x18\x04 \x01(\t\"-\n\x10ListJobsResponse\x12\x19\n\x04jobs\x18\x01 \x03(\x0b\x32\x0b.ias.v1.Job\"2\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"-\n\x11\x43\x61ncelJobResponse\x12\x18\n\x03job\x18\x01 \x01(\x0b\x32\x0b.ias.v1.Job\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\",\n\x10WatchJobResponse\x12\x18\n\x03job\x18\x01 \x01(\x0b\x32\x0b.ias.v1.Job2\x92\x03\n\nJobService\x12@\n\tSubmitJob\x12\x18.ias.v1.SubmitJobRequest\x1a\x19.ias.v1.SubmitJobResponse\x12G\n\nSubmitJobs\x12\x19.ias.v1.SubmitJobsRequest\x1a\x1a.ias.v1.SubmitJobsResponse(\x01\x30\x01\x12\x37\n\x06GetJob\x12\x15.ias.v1.GetJobRequest\x1a\x16.ias.v1.GetJobResponse\x12=\n\x08ListJobs\x12\x17.ias.v1.ListJobsRequest\x1a\x18.ias.v1.ListJobsResponse\x12@\n\tCancelJob\x12\x18.ias.v1.CancelJobRequest\x1a\x19.ias.v1.CancelJobResponse\x12?\n\x08WatchJob\x12\x17.ias.v1.WatchJobRequest\x1a\x18.ias.v1.WatchJobResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18ias/v1/job_service.proto\x12\x06ias.v1\x1a\x10ias/v1/job.proto\"\x98\x01\n\x10SubmitJobRequest\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0f\n\x07repo_id\x18\x02 \x01(\t\x12\x14\n\x0cpayload_json\x18\x03 \x01(\t\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x14\n\x0cmax_attempts\x18\x05 \x01(\x05\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\t\x12\x0e\n\x06run_id\x18\x07 \x01(\t\"?\n\x11SubmitJobResponse\x12\x18\n\x03job\x18\x01 \x01(\x0b\x32\x0b.ias.v1.Job\x12\x10\n\x08\x65xisting\x18\x02 \x01(\x08\"<\n\x11SubmitJobsRequest\x12\'\n\x0bsubmissions\x18\x01 \x03(\x0b\x32\x12.ias.v1.Submission\"@\n\nSubmission\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12%\n\x03job\x18\x02 \x01(\x0b\x32\x18.ias.v1.SubmitJobRequest\"?\n\x12SubmitJobsResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.ias.v1.SubmissionResult\"\x7f\n\x10SubmissionResult\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12.\n\tsubmitted\x18\x02 \x01(\x0b\x32\x19.ias.v1.SubmitJobResponseH\x00\x12$\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x13.ias.v1.SubmitErrorH\x00\x42\x08\n\x06result\",\n\x0bSubmitError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"*\n\x0eGetJobResponse\x12\x18\n\x03job\x18\x01 \x01(\x0b\x32\x0b.ias.v1.Job\"d\n\x0fListJobsRequest\x12!\n\x06status\x18\x01 \x01(\x0e\x32\x11.ias.v1.JobStatus\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\r\n\x05limit\x18\x03 \x01(\x05\x12\x11\n\tbefore_id\x18\x04 \x01(\t\"-\n\x10ListJobsResponse\x12\x19\n\x04jobs\x18\x01 \x03(\x0b\x32\x0b.ias.v1.Job\"2\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"-\n\x11\x43\x61ncelJobResponse\x12\x18\n\x03job\x18\x01 \x01(\x0b\x32\x0b.ias.v1.Job\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\",\n\x10WatchJobResponse\x12\x18\n\x03job\x18\x01 \x01(\x0b\x32\x0b.ias.v1.Job2\x92\x03\n\nJobService\x12@\n\tSubmitJob\x12\x18.ias.v1.SubmitJobRequest\x1a\x19.ias.v1.SubmitJobResponse\x12G\n\nSubmitJobs\x12\x19.ias.v1.SubmitJobsRequest\x1a\x1a.ias.v1.SubmitJobsResponse(\x01\x30\x01\x12\x37\n\x06GetJob\x12\x15.ias.v1.GetJobRequest\x1a\x16.ias.v1.GetJobResponse\x12=\n\x08ListJobs\x12\x17.ias.v1.ListJobsRequest\x1a\x18.ias.v1.ListJobsResponse\x12@\n\tCancelJob\x12\x18.ias.v1.CancelJobRequest\x1a\x19.ias.v1.CancelJobResponse\x12?\n\x08WatchJob\x12\x17.ias.v1.WatchJobRequest\x1a\x18.ias.v1.WatchJobResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,27 +37,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SUBMITJOBRESPONSE']._serialized_start=209
   _globals['_SUBMITJOBRESPONSE']._serialized_end=272
   _globals['_SUBMITJOBSREQUEST']._serialized_start=274
-  _globals['_SUBMITJOBSREQUEST']._serialized_end=345
-  _globals['_SUBMITJOBSRESPONSE']._serialized_start=348
-  _globals['_SUBMITJOBSRESPONSE']._serialized_end=477
-  _globals['_SUBMITERROR']._serialized_start=479
-  _globals['_SUBMITERROR']._serialized_end=523
-  _globals['_GETJOBREQUEST']._serialized_start=525
-  _globals['_GETJOBREQUEST']._serialized_end=556
-  _globals['_GETJOBRESPONSE']._serialized_start=558
-  _globals['_GETJOBRESPONSE']._serialized_end=600
-  _globals['_LISTJOBSREQUEST']._serialized_start=602
-  _globals['_LISTJOBSREQUEST']._serialized_end=702
-  _globals['_LISTJOBSRESPONSE']._serialized_start=704
-  _globals['_LISTJOBSRESPONSE']._serialized_end=749
-  _globals['_CANCELJOBREQUEST']._serialized_start=751
-  _globals['_CANCELJOBREQUEST']._serialized_end=801
-  _globals['_CANCELJOBRESPONSE']._serialized_start=803
-  _globals['_CANCELJOBRESPONSE']._serialized_end=848
-  _globals['_WATCHJOBREQUEST']._serialized_start=850
-  _globals['_WATCHJOBREQUEST']._serialized_end=883
-  _globals['_WATCHJOBRESPONSE']._serialized_start=885
-  _globals['_WATCHJOBRESPONSE']._serialized_end=929
-  _globals['_JOBSERVICE']._serialized_start=932
-  _globals['_JOBSERVICE']._serialized_end=1334
+  _globals['_SUBMITJOBSREQUEST']._serialized_end=334
+  _globals['_SUBMISSION']._serialized_start=336
+  _globals['_SUBMISSION']._serialized_end=400
+  _globals['_SUBMITJOBSRESPONSE']._serialized_start=402
+  _globals['_SUBMITJOBSRESPONSE']._serialized_end=465
+  _globals['_SUBMISSIONRESULT']._serialized_start=467
+  _globals['_SUBMISSIONRESULT']._serialized_end=594
+  _globals['_SUBMITERROR']._serialized_start=596
+  _globals['_SUBMITERROR']._serialized_end=640
+  _globals['_GETJOBREQUEST']._serialized_start=642
+  _globals['_GETJOBREQUEST']._serialized_end=673
+  _globals['_GETJOBRESPONSE']._serialized_start=675
+  _globals['_GETJOBRESPONSE']._serialized_end=717
+  _globals['_LISTJOBSREQUEST']._serialized_start=719
+  _globals['_LISTJOBSREQUEST']._serialized_end=819
+  _globals['_LISTJOBSRESPONSE']._serialized_start=821
+  _globals['_LISTJOBSRESPONSE']._serialized_end=866
+  _globals['_CANCELJOBREQUEST']._serialized_start=868
+  _globals['_CANCELJOBREQUEST']._serialized_end=918
+  _globals['_CANCELJOBRESPONSE']._serialized_start=920
+  _globals['_CANCELJOBRESPONSE']._serialized_end=965
+  _globals['_WATCHJOBREQUEST']._serialized_start=967
+  _globals['_WATCHJOBREQUEST']._serialized_end=1000
+  _globals['_WATCHJOBRESPONSE']._serialized_start=1002
+  _globals['_WATCHJOBRESPONSE']._serialized_end=1046
+  _globals['_JOBSERVICE']._serialized_start=1049
+  _globals['_JOBSERVICE']._serialized_end=1451
 # @@protoc_insertion_point(module_scope)

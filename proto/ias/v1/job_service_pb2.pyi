@@ -95,14 +95,40 @@ Global___SubmitJobResponse: _TypeAlias = SubmitJobResponse  # noqa: Y015
 
 @_typing.final
 class SubmitJobsRequest(_message.Message):
-    """SubmitJobsRequest is one job on a SubmitJobs stream."""
+    """SubmitJobsRequest carries one or more submissions of a SubmitJobs stream (a client sends
+    together what its callers submitted while its previous write was under way).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBMISSIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def submissions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Submission]:
+        """The submissions, each answered on its own."""
+
+    def __init__(
+        self,
+        *,
+        submissions: _abc.Iterable[Global___Submission] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["submissions", b"submissions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitJobsRequest: _TypeAlias = SubmitJobsRequest  # noqa: Y015
+
+@_typing.final
+class Submission(_message.Message):
+    """Submission is one job submitted on a SubmitJobs stream."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     SEQ_FIELD_NUMBER: _builtins.int
     JOB_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
-    """Chosen by the client to match the response to the request (the stream's order is not kept)."""
+    """Chosen by the client to match the result to the submission (the stream's order is not kept)."""
     @_builtins.property
     def job(self) -> Global___SubmitJobRequest:
         """The job, as for SubmitJob."""
@@ -119,11 +145,37 @@ class SubmitJobsRequest(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___SubmitJobsRequest: _TypeAlias = SubmitJobsRequest  # noqa: Y015
+Global___Submission: _TypeAlias = Submission  # noqa: Y015
 
 @_typing.final
 class SubmitJobsResponse(_message.Message):
-    """SubmitJobsResponse answers one SubmitJobsRequest."""
+    """SubmitJobsResponse carries the results of one or more submissions (those that committed while
+    the server's previous write was under way go together).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___SubmissionResult]:
+        """The results."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___SubmissionResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitJobsResponse: _TypeAlias = SubmitJobsResponse  # noqa: Y015
+
+@_typing.final
+class SubmissionResult(_message.Message):
+    """SubmissionResult answers one Submission."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -131,14 +183,14 @@ class SubmitJobsResponse(_message.Message):
     SUBMITTED_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
-    """The request's seq."""
+    """The submission's seq."""
     @_builtins.property
     def submitted(self) -> Global___SubmitJobResponse:
         """The job was stored (or, for a known idempotency key, found)."""
 
     @_builtins.property
     def error(self) -> Global___SubmitError:
-        """The request was refused; nothing was stored for it."""
+        """The submission was refused; nothing was stored for it."""
 
     def __init__(
         self,
@@ -155,11 +207,11 @@ class SubmitJobsResponse(_message.Message):
     _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
 
-Global___SubmitJobsResponse: _TypeAlias = SubmitJobsResponse  # noqa: Y015
+Global___SubmissionResult: _TypeAlias = SubmissionResult  # noqa: Y015
 
 @_typing.final
 class SubmitError(_message.Message):
-    """SubmitError is why one request of a SubmitJobs stream was refused."""
+    """SubmitError is why one submission of a SubmitJobs stream was refused."""
 
     DESCRIPTOR: _descriptor.Descriptor
 

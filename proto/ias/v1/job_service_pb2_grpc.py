@@ -80,9 +80,10 @@ class JobServiceServicer:
 
     def SubmitJobs(self, request_iterator, context):
         """SubmitJobs submits many jobs over one stream, as a database connection carries many inserts:
-        each request is one job, committed on its own and answered by one response carrying the
-        request's seq, in the order the jobs commit. An invalid request is answered with its error and
-        the stream goes on. At most 256 requests are served at once; past that the server stops reading.
+        each submission is one job, committed on its own and answered by one result carrying the
+        submission's seq, in the order the jobs commit. A refused submission is answered with its
+        error and the stream goes on. At most 256 submissions are served at once; past that the
+        server stops reading.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

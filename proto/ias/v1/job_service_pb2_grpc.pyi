@@ -37,9 +37,10 @@ class JobServiceStub:
     """SubmitJob adds a job to the queue; it is pushed to an eligible worker at once."""
     SubmitJobs: _grpc.StreamStreamMultiCallable[_job_service_pb2.SubmitJobsRequest, _job_service_pb2.SubmitJobsResponse]
     """SubmitJobs submits many jobs over one stream, as a database connection carries many inserts:
-    each request is one job, committed on its own and answered by one response carrying the
-    request's seq, in the order the jobs commit. An invalid request is answered with its error and
-    the stream goes on. At most 256 requests are served at once; past that the server stops reading.
+    each submission is one job, committed on its own and answered by one result carrying the
+    submission's seq, in the order the jobs commit. A refused submission is answered with its
+    error and the stream goes on. At most 256 submissions are served at once; past that the
+    server stops reading.
     """
     GetJob: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.GetJobRequest, _job_service_pb2.GetJobResponse]
     """GetJob returns one job."""
@@ -61,9 +62,10 @@ class JobServiceAsyncStub(JobServiceStub):
     """SubmitJob adds a job to the queue; it is pushed to an eligible worker at once."""
     SubmitJobs: _aio.StreamStreamMultiCallable[_job_service_pb2.SubmitJobsRequest, _job_service_pb2.SubmitJobsResponse]  # type: ignore[assignment]
     """SubmitJobs submits many jobs over one stream, as a database connection carries many inserts:
-    each request is one job, committed on its own and answered by one response carrying the
-    request's seq, in the order the jobs commit. An invalid request is answered with its error and
-    the stream goes on. At most 256 requests are served at once; past that the server stops reading.
+    each submission is one job, committed on its own and answered by one result carrying the
+    submission's seq, in the order the jobs commit. A refused submission is answered with its
+    error and the stream goes on. At most 256 submissions are served at once; past that the
+    server stops reading.
     """
     GetJob: _aio.UnaryUnaryMultiCallable[_job_service_pb2.GetJobRequest, _job_service_pb2.GetJobResponse]  # type: ignore[assignment]
     """GetJob returns one job."""
@@ -94,9 +96,10 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_job_service_pb2.SubmitJobsResponse], _abc.AsyncIterator[_job_service_pb2.SubmitJobsResponse]]:
         """SubmitJobs submits many jobs over one stream, as a database connection carries many inserts:
-        each request is one job, committed on its own and answered by one response carrying the
-        request's seq, in the order the jobs commit. An invalid request is answered with its error and
-        the stream goes on. At most 256 requests are served at once; past that the server stops reading.
+        each submission is one job, committed on its own and answered by one result carrying the
+        submission's seq, in the order the jobs commit. A refused submission is answered with its
+        error and the stream goes on. At most 256 submissions are served at once; past that the
+        server stops reading.
         """
 
     @_abc_1.abstractmethod

@@ -180,8 +180,12 @@ METHOD = """\
   are included: the peers are timed that way, and their comparison uses it. The split uses the
   assignment's `updated_at`, taken when the claim began.
   Submissions are open loop: each starts on its schedule whether or not the previous one returned.
-- Throughput = jobs / (first SubmitJob sent → last OutcomeAck received); every job is then
-  checked with ListJobs to be `done` on lease epoch 1 with exactly one non-duplicate ack.
+- Throughput = jobs / (first submission sent → last OutcomeAck received); every job is then
+  checked with ListJobs to be `done` on lease epoch 1 with exactly one non-duplicate ack. The
+  submitters share one `SubmitJobs` stream (`worker/submitter.py`), as a peer's enqueuers share
+  a connection pool; each submits one job and waits for its commit before the next. What they
+  submit while the stream's previous write is under way goes in one message, and results that
+  commit together come back in one. (The latency runs submit with unary `SubmitJob` calls.)
 - CPU = percent of one core used by the server process (in brackets: its main thread, which
   runs the event loop and all of the product's Python; gRPC's own threads make the rest) and by
   the benchmark process (workers and submitters); machine = percent of all cores busy

@@ -70,7 +70,8 @@ def section(ours: Sequence[Line], peers: Sequence[PeerResult], reference: Line |
 PEER_METHOD = """\
 Peer method: the same no-op job (enqueue → a worker starts it → done), warm-up jobs first (not
 measured), then latency jobs at the first offered rate, one enqueue per job, open loop; then the
-throughput jobs enqueued by 8 concurrent enqueuers, one job per call. Latency = the task body's
+throughput jobs enqueued by 8 concurrent enqueuers, one job per call (IAS: 8 submitters on one
+`SubmitJobs` stream, each awaiting its job's commit, as a peer's 8 share a pool). Latency = the task body's
 `time.time()` minus `time.time()` taken just before the enqueue call, so the insert and its commit
 are included; IAS's rows here are its latency "from creation", timed the same way. Throughput =
 jobs / (first enqueue → the peer's own bookkeeping shows none pending: PgQueuer's queue table

@@ -25,7 +25,7 @@ from ias.v1 import worker_service_pb2 as wpb
 from sqlalchemy.exc import IntegrityError
 
 from control_plane.api.console_servicer import ConsoleServicer
-from control_plane.api.job_servicer import JobServicer, tell_holder
+from control_plane.api.job_servicer import RESPONSE_BYTES, JobServicer, tell_holder
 from control_plane.api.worker_servicer import WorkerServicer, fence_out
 from control_plane.auth.interceptor import AuthInterceptor
 from control_plane.auth.tokens import Role, TokenAuthority
@@ -182,7 +182,13 @@ async def build(settings: ServerSettings) -> ControlPlane:
     )
     worker_service_pb2_grpc.add_WorkerServiceServicer_to_server(workers, server)
     job_service_pb2_grpc.add_JobServiceServicer_to_server(
-        JobServicer(queue=queue, hub=hub, sessions=sessions), server
+        JobServicer(
+            queue=queue,
+            hub=hub,
+            sessions=sessions,
+            response_bytes=min(RESPONSE_BYTES, settings.max_message_bytes // 4),
+        ),
+        server,
     )
     console_service_pb2_grpc.add_ConsoleServiceServicer_to_server(
         ConsoleServicer(queue=queue, hub=hub), server

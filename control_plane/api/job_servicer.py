@@ -28,18 +28,26 @@ log = logging.getLogger(__name__)
 # a client that sends faster than jobs commit is held back by gRPC's flow control.
 SUBMIT_WINDOW: Final = 256
 SUBMIT_DRAIN_S: Final = 30.0
-# Results go together in one response up to this size (a job may carry 256 KiB of payload; a
-# client accepts 4 MiB messages).
+# Results go together in one response up to this size, or a quarter of the largest message the
+# server sends if that is less (a job may carry 256 KiB of payload).
 RESPONSE_BYTES: Final = 1024 * 1024
 
 
 class JobServicer(jpb_grpc.JobServiceServicer):
     """Thin adapter from JobService to the job queue."""
 
-    def __init__(self, *, queue: JobQueue, hub: EventHub, sessions: SessionRegistry) -> None:
+    def __init__(
+        self,
+        *,
+        queue: JobQueue,
+        hub: EventHub,
+        sessions: SessionRegistry,
+        response_bytes: int = RESPONSE_BYTES,
+    ) -> None:
         self._queue = queue
         self._hub = hub
         self._sessions = sessions
+        self._response_bytes = response_bytes
 
     @unary
     async def SubmitJob(self, request: jpb.SubmitJobRequest, context: Ctx) -> jpb.SubmitJobResponse:
@@ -64,7 +72,7 @@ class JobServicer(jpb_grpc.JobServiceServicer):
         # The handler writes; a task reads and starts one submission per job, each of which adds
         # its result for the writer. Results that are ready together go in one response.
         workspace_id = current_principal.get().workspace_id
-        results = _Results()
+        results = _Results(self._response_bytes)
         reader = asyncio.create_task(self._read_submissions(workspace_id, context, results))
         reader.add_done_callback(lambda _: results.close())
         try:
@@ -173,7 +181,8 @@ def _refused(seq: int, code: grpc.StatusCode, message: str) -> jpb.SubmissionRes
 class _Results:
     """Results of one SubmitJobs stream waiting for its writer, taken together."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_bytes: int) -> None:
+        self._max_bytes = max_bytes
         self._ready: list[jpb.SubmissionResult] = []
         self._closed = False
         self._wake = asyncio.Event()
@@ -187,7 +196,7 @@ class _Results:
         self._wake.set()
 
     async def take(self) -> list[jpb.SubmissionResult]:
-        """What is ready, at most about RESPONSE_BYTES of it (at least one); empty once closed."""
+        """What is ready, at most about ``max_bytes`` of it (at least one); empty once closed."""
         while not self._ready:
             if self._closed:
                 return []
@@ -197,7 +206,7 @@ class _Results:
         count = 0
         for result in self._ready:
             size += result.ByteSize()
-            if count and size > RESPONSE_BYTES:
+            if count and size > self._max_bytes:
                 break
             count += 1
         batch = self._ready[:count]

@@ -143,14 +143,15 @@ def submit(
         raise SystemExit(1)
 
 
-_LINE_FIELDS = {
-    "type": str,
-    "payload": dict,
-    "repo": str,
-    "priority": int,
-    "max_attempts": int,
-    "idempotency_key": str,
-    "run_id": str,
+# A line's fields: each one's JSON type, as a Python type and by name.
+_LINE_FIELDS: dict[str, tuple[type, str]] = {
+    "type": (str, "string"),
+    "payload": (dict, "object"),
+    "repo": (str, "string"),
+    "priority": (int, "integer"),
+    "max_attempts": (int, "integer"),
+    "idempotency_key": (str, "string"),
+    "run_id": (str, "string"),
 }
 
 
@@ -163,11 +164,11 @@ def parse_job_line(number: int, line: str) -> jpb.SubmitJobRequest:
     if not isinstance(data, dict):
         raise click.UsageError(f"line {number}: must be a JSON object")
     for key, value in data.items():
-        kind = _LINE_FIELDS.get(key)
-        if kind is None:
+        if key not in _LINE_FIELDS:
             raise click.UsageError(f"line {number}: unknown field {key!r} (known: {', '.join(_LINE_FIELDS)})")
+        kind, name = _LINE_FIELDS[key]
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise click.UsageError(f"line {number}: {key} must be a JSON {_JSON_NAMES[kind]}")
+            raise click.UsageError(f"line {number}: {key} must be a JSON {name}")
     if not data.get("type"):
         raise click.UsageError(f"line {number}: type is required")
     return jpb.SubmitJobRequest(
@@ -179,9 +180,6 @@ def parse_job_line(number: int, line: str) -> jpb.SubmitJobRequest:
         idempotency_key=data.get("idempotency_key", ""),
         run_id=data.get("run_id", ""),
     )
-
-
-_JSON_NAMES = {str: "string", dict: "object", int: "integer"}
 
 
 @jobs.command("submit-many")

@@ -55,8 +55,10 @@ class Submitter:
 
     async def submit(self, request: jpb.SubmitJobRequest) -> jpb.SubmitJobResponse:
         """Store one job; raises `SubmitRefused` for a refused request, `StreamEnded` if the call broke."""
-        if self._ended is not None or self._closing:
-            raise StreamEnded(f"the submission stream has ended: {_describe(self._ended or 'closed')}")
+        if self._ended is not None:
+            raise StreamEnded(f"the submission stream has ended: {_describe(self._ended)}")
+        if self._closing:
+            raise StreamEnded("the submission stream is closing")
         seq = next(self._seq)
         answer: asyncio.Future[jpb.SubmissionResult] = asyncio.get_running_loop().create_future()
         self._waiting[seq] = answer
@@ -129,7 +131,7 @@ class Submitter:
                     answer.set_exception(StreamEnded(f"the submission stream has ended: {_describe(ended)}"))
 
 
-def _describe(exc: BaseException | str) -> str:
+def _describe(exc: BaseException) -> str:
     if isinstance(exc, grpc.aio.AioRpcError):
         return f"{exc.code().name.lower()}: {exc.details()}"
     return str(exc) or type(exc).__name__

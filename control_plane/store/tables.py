@@ -1,8 +1,9 @@
 """SQLModel tables. Runtime annotations on purpose: SQLModel reads them to build columns."""
 
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import BigInteger, Column, Index, MetaData, Text, UniqueConstraint
+from sqlalchemy import BigInteger, Column, Index, MetaData, Text, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
 # Stable constraint names so Alembic migrations are identical on SQLite and PostgreSQL.
@@ -47,16 +48,30 @@ class WorkerRow(SQLModel, table=True):
     disconnected_at: datetime | None = None
 
 
+def _where(condition: str) -> dict[str, Any]:
+    return {"postgresql_where": text(condition), "sqlite_where": text(condition)}
+
+
 class JobRow(SQLModel, table=True):
     """A job and its current lease. ``lease_epoch`` is the fencing token."""
 
     __tablename__ = "jobs"
+    # Partial indexes: a job is in each only while it is in the state the index serves, so a
+    # finished job is left with its primary key alone and the claim's index stays as small as the
+    # queue. Queries name the status as a literal (`store.jobs`) for the planner to match them.
     __table_args__ = (
-        UniqueConstraint("workspace_id", "idempotency_key"),
         # The claim: pending jobs of a workspace in priority order.
-        Index("ix_jobs_claim", "workspace_id", "status", "priority", "id"),
-        # The sweep: running jobs by lease expiry.
-        Index("ix_jobs_lease", "status", "lease_expires_at"),
+        Index("ix_jobs_pending", "workspace_id", "priority", "id", **_where("status = 'pending'")),
+        # Running jobs by holder (sessions, sweeps of lost workers) and by lease expiry.
+        Index("ix_jobs_running", "worker_id", "session_id", **_where("status = 'running'")),
+        Index("ix_jobs_lease", "lease_expires_at", **_where("status = 'running'")),
+        Index(
+            "uq_jobs_idempotency_key",
+            "workspace_id",
+            "idempotency_key",
+            unique=True,
+            **_where("idempotency_key IS NOT NULL"),
+        ),
     )
 
     id: str = Field(primary_key=True, max_length=64)
@@ -70,7 +85,7 @@ class JobRow(SQLModel, table=True):
     max_attempts: int = 3
     lease_epoch: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
     worker_id: str = Field(default="", max_length=64)
-    session_id: str = Field(default="", max_length=64, index=True)
+    session_id: str = Field(default="", max_length=64)
     lease_expires_at: datetime | None = None
     created_at: datetime
     updated_at: datetime

@@ -11,8 +11,10 @@ from datetime import datetime, timedelta
 from sqlalchemy import bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from control_plane.domain.jobs import JobStatus
 from control_plane.domain.workers import Worker, WorkerStatus
 from control_plane.store import codec
+from control_plane.store import jobs as jobs_store
 from control_plane.store.tables import JobRow, ReplicaRow, SigningKeyRow, WorkerRow
 
 _workers = WorkerRow.__table__  # type: ignore[attr-defined]
@@ -151,7 +153,7 @@ async def list_workers(conn: AsyncConnection, *, workspace_id: str, include_offl
     rows = (await conn.execute(query.order_by(_workers.c.name))).mappings().all()
     running = await conn.execute(
         select(_jobs.c.worker_id, func.count())
-        .where(_jobs.c.workspace_id == workspace_id, _jobs.c.status == "running")
+        .where(_jobs.c.workspace_id == workspace_id, jobs_store.status_is(JobStatus.RUNNING))
         .group_by(_jobs.c.worker_id)
     )
     counts: dict[str, int] = {row[0]: row[1] for row in running.all()}

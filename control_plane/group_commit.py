@@ -41,11 +41,15 @@ class GroupCommit(Generic[R, T]):
 
     async def __call__(self, request: R) -> T:
         """Queue ``request`` and wait for its own result (or exception) after the commit."""
+        return await self.enqueue(request)
+
+    def enqueue(self, request: R) -> asyncio.Future[T]:
+        """Queue ``request``; its future gets its own result (or exception) after the commit."""
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._queue.append((request, future))
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush(), name="group commit")
-        return await future
+        return future
 
     async def _flush(self) -> None:
         try:

@@ -3,6 +3,7 @@ its events to the log, and hands them to live subscribers after commit."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections import defaultdict
@@ -110,9 +111,26 @@ class JobQueue(WorkerRecords):
 
     async def submit(self, *, workspace_id: str, new: NewJob) -> tuple[Job, bool]:
         """Store a new job (or return the one with the same idempotency key)."""
+        job = self._new_job(workspace_id, new)
+        if not new.idempotency_key:
+            return await self._submits(job), False
+        return await self._submit_once(job)
+
+    def submit_soon(self, *, workspace_id: str, new: NewJob) -> asyncio.Future[Job]:
+        """Queue a submission without an idempotency key for the next group commit; the future
+        holds the stored job once committed. Refuses a bad submission at once (`InvalidArgument`).
+
+        For a caller with many submissions under way (a SubmitJobs stream), a future costs less
+        than a task per job waiting in `submit`.
+        """
+        if new.idempotency_key:
+            raise ValueError("a submission with an idempotency key goes through submit()")
+        return self._submits.enqueue(self._new_job(workspace_id, new))
+
+    def _new_job(self, workspace_id: str, new: NewJob) -> Job:
         _validate(new)
         now = self._clock()
-        job = Job(
+        return Job(
             id=new_id("job"),
             workspace_id=workspace_id,
             type=new.type,
@@ -126,12 +144,13 @@ class JobQueue(WorkerRecords):
             run_id=new.run_id,
             idempotency_key=new.idempotency_key,
         )
-        if not new.idempotency_key:
-            return await self._submits(job), False
+
+    async def _submit_once(self, job: Job) -> tuple[Job, bool]:
+        workspace_id = job.workspace_id
         try:
             async with self._write() as tx:
                 existing = await jobs_store.by_idempotency_key(
-                    tx.conn, workspace_id=workspace_id, key=new.idempotency_key
+                    tx.conn, workspace_id=workspace_id, key=job.idempotency_key
                 )
                 if existing is not None:
                     return existing, True
@@ -141,7 +160,7 @@ class JobQueue(WorkerRecords):
         except IntegrityError:
             # A concurrent submission with the same key won the race; return its job.
             existing = await self._db.reading(
-                partial(jobs_store.by_idempotency_key, workspace_id=workspace_id, key=new.idempotency_key)
+                partial(jobs_store.by_idempotency_key, workspace_id=workspace_id, key=job.idempotency_key)
             )
             if existing is None:
                 raise

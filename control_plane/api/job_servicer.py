@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator
 from typing import Any, Final
@@ -16,7 +17,7 @@ from control_plane.api import convert
 from control_plane.api.status import code_for, streaming, unary
 from control_plane.auth.tokens import current_principal
 from control_plane.dispatch.sessions import SessionRegistry
-from control_plane.domain.jobs import JobStatus
+from control_plane.domain.jobs import Job, JobStatus
 from control_plane.errors import IasError
 from control_plane.events.hub import EventHub
 from control_plane.queue import JobQueue, NewJob
@@ -54,18 +55,7 @@ class JobServicer(jpb_grpc.JobServiceServicer):
         return await self._submit(current_principal.get().workspace_id, request)
 
     async def _submit(self, workspace_id: str, request: jpb.SubmitJobRequest) -> jpb.SubmitJobResponse:
-        job, existing = await self._queue.submit(
-            workspace_id=workspace_id,
-            new=NewJob(
-                type=request.type,
-                repo_id=request.repo_id,
-                payload_json=request.payload_json,
-                priority=request.priority,
-                max_attempts=request.max_attempts,
-                idempotency_key=request.idempotency_key,
-                run_id=request.run_id,
-            ),
-        )
+        job, existing = await self._queue.submit(workspace_id=workspace_id, new=_new_job(request))
         return jpb.SubmitJobResponse(job=convert.job_to_pb(job), existing=existing)
 
     async def SubmitJobs(self, request_iterator: Any, context: Ctx) -> None:  # type: ignore[override]
@@ -83,7 +73,7 @@ class JobServicer(jpb_grpc.JobServiceServicer):
         await reader  # a read that failed ends the call with its error
 
     async def _read_submissions(self, workspace_id: str, context: Ctx, results: _Results) -> None:
-        serving: set[asyncio.Task[None]] = set()
+        serving: set[asyncio.Future[Any]] = set()
         try:
             while True:
                 while len(serving) >= SUBMIT_WINDOW:
@@ -96,29 +86,44 @@ class JobServicer(jpb_grpc.JobServiceServicer):
                         grpc.StatusCode.INVALID_ARGUMENT, "request: not a valid SubmitJobsRequest"
                     )
                 for submission in request.submissions:
-                    task = asyncio.create_task(self._submit_one(workspace_id, submission, results))
-                    serving.add(task)
-                    task.add_done_callback(serving.discard)
+                    under_way = self._start(workspace_id, submission, results)
+                    if under_way is not None:
+                        serving.add(under_way)
+                        under_way.add_done_callback(serving.discard)
         finally:
             # Once the client is done sending, what it sent is answered before the call ends; if
             # the call broke, submissions under way still finish (they may already be committed).
             if serving:
                 await asyncio.wait(serving, timeout=SUBMIT_DRAIN_S)
 
+    def _start(
+        self, workspace_id: str, submission: jpb.Submission, results: _Results
+    ) -> asyncio.Future[Any] | None:
+        """Start one submission; what is under way until its result is added (None: added now).
+
+        A job without an idempotency key goes to the next group commit as a future whose callback
+        adds the result, with no task of its own; one with a key runs its own transaction.
+        """
+        seq = submission.seq
+        if not submission.HasField("job"):
+            results.add(_refused(seq, grpc.StatusCode.INVALID_ARGUMENT, "job: required"))
+            return None
+        if submission.job.idempotency_key:
+            return asyncio.create_task(self._submit_one(workspace_id, submission, results))
+        try:
+            committed = self._queue.submit_soon(workspace_id=workspace_id, new=_new_job(submission.job))
+        except IasError as exc:
+            results.add(_refused(seq, code_for(exc), exc.message))
+            return None
+        committed.add_done_callback(functools.partial(_add_committed, seq, results))
+        return committed
+
     async def _submit_one(self, workspace_id: str, submission: jpb.Submission, results: _Results) -> None:
         seq = submission.seq
         try:
-            if not submission.HasField("job"):
-                result = _refused(seq, grpc.StatusCode.INVALID_ARGUMENT, "job: required")
-            else:
-                result = jpb.SubmissionResult(
-                    seq=seq, submitted=await self._submit(workspace_id, submission.job)
-                )
-        except IasError as exc:
-            result = _refused(seq, code_for(exc), exc.message)
-        except Exception:
-            log.exception("submission %d of a SubmitJobs stream failed", seq)
-            result = _refused(seq, grpc.StatusCode.INTERNAL, "internal error; see the server log")
+            result = jpb.SubmissionResult(seq=seq, submitted=await self._submit(workspace_id, submission.job))
+        except Exception as exc:
+            result = _failed(seq, exc)
         results.add(result)
 
     @unary
@@ -172,6 +177,38 @@ class JobServicer(jpb_grpc.JobServiceServicer):
         # The subscription overflowed: finish with the stored state rather than a gap.
         job = await self._queue.get(workspace_id=workspace_id, job_id=request.job_id)
         yield jpb.WatchJobResponse(job=convert.job_to_pb(job))
+
+
+def _new_job(request: jpb.SubmitJobRequest) -> NewJob:
+    return NewJob(
+        type=request.type,
+        repo_id=request.repo_id,
+        payload_json=request.payload_json,
+        priority=request.priority,
+        max_attempts=request.max_attempts,
+        idempotency_key=request.idempotency_key,
+        run_id=request.run_id,
+    )
+
+
+def _add_committed(seq: int, results: _Results, committed: asyncio.Future[Job]) -> None:
+    if committed.cancelled():
+        result = _refused(seq, grpc.StatusCode.UNAVAILABLE, "the control plane is stopping")
+    elif (exc := committed.exception()) is not None:
+        result = _failed(seq, exc)
+    else:
+        job = committed.result()
+        result = jpb.SubmissionResult(
+            seq=seq, submitted=jpb.SubmitJobResponse(job=convert.job_to_pb(job), existing=False)
+        )
+    results.add(result)
+
+
+def _failed(seq: int, exc: BaseException) -> jpb.SubmissionResult:
+    if isinstance(exc, IasError):
+        return _refused(seq, code_for(exc), exc.message)
+    log.error("submission %d of a SubmitJobs stream failed", seq, exc_info=exc)
+    return _refused(seq, grpc.StatusCode.INTERNAL, "internal error; see the server log")
 
 
 def _refused(seq: int, code: grpc.StatusCode, message: str) -> jpb.SubmissionResult:

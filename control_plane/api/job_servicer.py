@@ -56,7 +56,7 @@ class JobServicer(jpb_grpc.JobServiceServicer):
 
     async def _submit(self, workspace_id: str, request: jpb.SubmitJobRequest) -> jpb.SubmitJobResponse:
         job, existing = await self._queue.submit(workspace_id=workspace_id, new=_new_job(request))
-        return jpb.SubmitJobResponse(job=convert.job_to_pb(job), existing=existing)
+        return _submitted(job, existing)
 
     async def SubmitJobs(self, request_iterator: Any, context: Ctx) -> None:  # type: ignore[override]
         # The handler writes; a task reads and starts one submission per job, each of which adds
@@ -191,16 +191,17 @@ def _new_job(request: jpb.SubmitJobRequest) -> NewJob:
     )
 
 
+def _submitted(job: Job, existing: bool) -> jpb.SubmitJobResponse:
+    return jpb.SubmitJobResponse(job=convert.job_to_pb(job), existing=existing)
+
+
 def _add_committed(seq: int, results: _Results, committed: asyncio.Future[Job]) -> None:
     if committed.cancelled():
         result = _refused(seq, grpc.StatusCode.UNAVAILABLE, "the control plane is stopping")
     elif (exc := committed.exception()) is not None:
         result = _failed(seq, exc)
     else:
-        job = committed.result()
-        result = jpb.SubmissionResult(
-            seq=seq, submitted=jpb.SubmitJobResponse(job=convert.job_to_pb(job), existing=False)
-        )
+        result = jpb.SubmissionResult(seq=seq, submitted=_submitted(committed.result(), existing=False))
     results.add(result)
 
 

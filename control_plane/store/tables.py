@@ -6,6 +6,8 @@ from typing import Any
 from sqlalchemy import BigInteger, Column, Index, MetaData, Text, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
+from control_plane.domain.jobs import JobStatus
+
 # Stable constraint names so Alembic migrations are identical on SQLite and PostgreSQL.
 SQLModel.metadata.naming_convention = {
     "ix": "ix_%(column_0_label)s",
@@ -52,6 +54,10 @@ def _where(condition: str) -> dict[str, Any]:
     return {"postgresql_where": text(condition), "sqlite_where": text(condition)}
 
 
+_PENDING = f"status = '{JobStatus.PENDING.value}'"
+_RUNNING = f"status = '{JobStatus.RUNNING.value}'"
+
+
 class JobRow(SQLModel, table=True):
     """A job and its current lease. ``lease_epoch`` is the fencing token."""
 
@@ -61,10 +67,10 @@ class JobRow(SQLModel, table=True):
     # queue. Queries name the status as a literal (`store.jobs`) for the planner to match them.
     __table_args__ = (
         # The claim: pending jobs of a workspace in priority order.
-        Index("ix_jobs_pending", "workspace_id", "priority", "id", **_where("status = 'pending'")),
+        Index("ix_jobs_pending", "workspace_id", "priority", "id", **_where(_PENDING)),
         # Running jobs by holder (sessions, sweeps of lost workers) and by lease expiry.
-        Index("ix_jobs_running", "worker_id", "session_id", **_where("status = 'running'")),
-        Index("ix_jobs_lease", "lease_expires_at", **_where("status = 'running'")),
+        Index("ix_jobs_running", "worker_id", "session_id", **_where(_RUNNING)),
+        Index("ix_jobs_lease", "lease_expires_at", **_where(_RUNNING)),
         Index(
             "uq_jobs_idempotency_key",
             "workspace_id",

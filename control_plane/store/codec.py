@@ -1,12 +1,19 @@
-"""Rows to domain values and back; the JSON shapes stored in text columns."""
+"""Rows to domain values and back; the JSON shapes stored in text columns.
+
+JSON goes through orjson: an event's job snapshot is encoded for every change of every job, and
+the standard library's encoder took a tenth of the server's time at full load. orjson writes an
+aware datetime as ISO 8601 with its offset, as `datetime.isoformat` does, and UTF-8 where the
+standard library would write ``\\u`` escapes; both read back the same.
+"""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import asdict, fields
 from datetime import datetime
 from typing import Any
+
+import orjson
 
 from control_plane.domain.jobs import Job, JobResult, JobStatus
 from control_plane.domain.workers import Event, EventKind, Worker, WorkerStatus
@@ -27,13 +34,13 @@ def result_to_json(result: JobResult | None) -> str:
         data["changed_paths"] = list(result.changed_paths)
     if result.counts:
         data["counts"] = dict(result.counts)
-    return json.dumps(data, separators=(",", ":"))
+    return orjson.dumps(data).decode()
 
 
 def result_from_json(text: str) -> JobResult | None:
     if not text:
         return None
-    data = json.loads(text)
+    data = orjson.loads(text)
     data["changed_paths"] = tuple(data.get("changed_paths", ()))
     return JobResult(**data)
 
@@ -64,28 +71,9 @@ def job_from_row(row: Mapping[Any, Any]) -> Job:
 
 
 def job_to_row(job: Job) -> dict[str, Any]:
-    return {
-        "id": job.id,
-        "workspace_id": job.workspace_id,
-        "type": job.type,
-        "repo_id": job.repo_id,
-        "payload_json": job.payload_json,
-        "status": job.status.value,
-        "priority": job.priority,
-        "attempt": job.attempt,
-        "max_attempts": job.max_attempts,
-        "lease_epoch": job.lease_epoch,
-        "worker_id": job.worker_id,
-        "session_id": job.session_id,
-        "lease_expires_at": job.lease_expires_at,
-        "created_at": job.created_at,
-        "updated_at": job.updated_at,
-        "finished_at": job.finished_at,
-        "progress": job.progress[:500],
-        "result_json": result_to_json(job.result),
-        "run_id": job.run_id,
-        "idempotency_key": job.idempotency_key or None,
-    }
+    row = _job_snapshot(job)
+    row["payload_json"] = job.payload_json
+    return row
 
 
 def worker_from_row(row: Mapping[Any, Any], *, running: int = 0) -> Worker:
@@ -94,8 +82,8 @@ def worker_from_row(row: Mapping[Any, Any], *, running: int = 0) -> Worker:
         workspace_id=row["workspace_id"],
         name=row["name"],
         status=WorkerStatus(row["status"]),
-        capabilities=tuple(json.loads(row["capabilities"])),
-        repo_ids=tuple(json.loads(row["repo_ids"])),
+        capabilities=tuple(orjson.loads(row["capabilities"])),
+        repo_ids=tuple(orjson.loads(row["repo_ids"])),
         slots=row["slots"],
         running=running,
         version=row["version"],
@@ -113,13 +101,30 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
 
 
-# Event snapshots leave out the payload: a Watch subscriber needs state, not input.
+# Event snapshots leave out the payload: a Watch subscriber needs state, not input. The row's
+# other columns, with datetimes as they are: orjson writes them as `_iso` would.
 def _job_snapshot(job: Job) -> dict[str, Any]:
-    row = job_to_row(job)
-    row.pop("payload_json")
-    for key in ("lease_expires_at", "created_at", "updated_at", "finished_at"):
-        row[key] = _iso(row[key])
-    return row
+    return {
+        "id": job.id,
+        "workspace_id": job.workspace_id,
+        "type": job.type,
+        "repo_id": job.repo_id,
+        "status": job.status.value,
+        "priority": job.priority,
+        "attempt": job.attempt,
+        "max_attempts": job.max_attempts,
+        "lease_epoch": job.lease_epoch,
+        "worker_id": job.worker_id,
+        "session_id": job.session_id,
+        "lease_expires_at": job.lease_expires_at,
+        "created_at": job.created_at,
+        "updated_at": job.updated_at,
+        "finished_at": job.finished_at,
+        "progress": job.progress[:500],
+        "result_json": result_to_json(job.result),
+        "run_id": job.run_id,
+        "idempotency_key": job.idempotency_key or None,
+    }
 
 
 def _job_from_snapshot(data: dict[str, Any]) -> Job:
@@ -155,11 +160,11 @@ def event_data(job: Job | None, worker: Worker | None) -> str:
         data["job"] = _job_snapshot(job)
     if worker is not None:
         data["worker"] = _worker_snapshot(worker)
-    return json.dumps(data, separators=(",", ":"))
+    return orjson.dumps(data).decode()
 
 
 def event_from_row(row: Mapping[Any, Any]) -> Event:
-    data = json.loads(row["data"])
+    data = orjson.loads(row["data"])
     return Event(
         seq=row["seq"],
         workspace_id=row["workspace_id"],

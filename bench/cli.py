@@ -41,6 +41,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--latency-workers", type=int, default=20, help="idle simulated workers in the latency runs")
     add("--throughput-jobs", type=int, default=5000, help="jobs per throughput run (IAS and peers)")
     add("--workers", default="20,200", help="simulated workers (1 slot each) of the throughput runs")
+    add(
+        "--submitters",
+        default="8,32",
+        help="concurrent submitters of the throughput runs, one run each (the peers get as many enqueuers)",
+    )
     add("--idle-workers", type=int, default=2000, help="connected idle workers of the idle scenario")
     add("--idle-seconds", type=float, default=30.0, help="how long the idle scenario measures")
     add("--recovery-workers", type=int, default=1000, help="connected workers during the restart")
@@ -56,6 +61,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     _check_lists(parser, args)
     if args.smoke:
         args.latency_jobs, args.rates, args.throughput_jobs, args.workers = 30, [50.0], 100, [4]
+        args.submitters = [2, 4]
         args.latency_workers, args.idle_workers, args.idle_seconds = 4, 20, 2.0
         args.recovery_workers, args.watchers, args.fanout_events, args.fanout_seconds = 20, 3, 60.0, 2.0
     if (
@@ -66,6 +72,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             args.idle_workers,
             args.recovery_workers,
             *args.workers,
+            *args.submitters,
         )
         < 1
     ):
@@ -91,10 +98,11 @@ def _check_lists(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
     try:
         args.rates = [float(x) for x in _csv(args.rates)]
         args.workers = [int(x) for x in _csv(args.workers)]
+        args.submitters = [int(x) for x in _csv(args.submitters)]
     except ValueError:
-        parser.error("--rates and --workers take comma-separated numbers")
-    if not args.rates or not args.workers:
-        parser.error("--rates and --workers need at least one value")
+        parser.error("--rates, --workers and --submitters take comma-separated numbers")
+    if not args.rates or not args.workers or not args.submitters:
+        parser.error("--rates, --workers and --submitters need at least one value")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -120,12 +128,13 @@ async def _main(args: argparse.Namespace) -> int:
         rate=args.rates[0],
         warmup=plan.latency[0].warmup,
         throughput_jobs=args.throughput_jobs,
+        submitters=tuple(plan.submitters),
     )
     peers = [await run_peer(name, args.postgres_admin_url, peer_params) for name in args.peers]
     sections = [_peer_section(results, peers, plan), ""] if peers else []
     rates = plan.rates if "latency" in plan.scenarios else []
     workers = plan.workers if "throughput" in plan.scenarios else []
-    print(table(results, rates, workers))
+    print(table(results, rates, workers, plan.submitters))
     for line in problems(results):
         print(line)
     for part in sections:
@@ -136,6 +145,7 @@ async def _main(args: argparse.Namespace) -> int:
         params=plan.describe(),
         rates=rates,
         workers=workers,
+        submitters=plan.submitters,
         sections=sections,
     )
     args.report.parent.mkdir(parents=True, exist_ok=True)
@@ -146,19 +156,22 @@ async def _main(args: argparse.Namespace) -> int:
 
 def _peer_section(results: Sequence[BackendResult], peers: Sequence[PeerResult], plan: Plan) -> str:
     ours = [_our_line(r, plan) for r in results]
-    measured = [o for o in ours if o.p50 is not None and o.jobs_per_s is not None]
+    measured = [o for o in ours if o.p50 is not None and o.jobs_per_s]
     reference = next((o for o in measured if "PostgreSQL" in o.title), measured[0] if measured else None)
-    return section(ours, peers, reference)
+    return section(ours, peers, reference, plan.submitters)
 
 
 def _our_line(result: BackendResult, plan: Plan) -> Line:
-    lat, tput = result.latency.get(plan.rates[0]), result.throughput.get(plan.workers[0])
+    lat, workers = result.latency.get(plan.rates[0]), plan.workers[0]
+    runs = {n: t for n in plan.submitters if (t := result.throughput.get((workers, n))) is not None}
     return Line(
-        title=f"IAS ({result.title}, {plan.workers[0]} workers)",
+        title=f"IAS ({result.title}, {workers} workers)",
         p50=lat.from_created_ms.p50 if lat else None,
         p99=lat.from_created_ms.p99 if lat else None,
-        jobs_per_s=tput.jobs_per_s if tput else None,
-        exactly_once=f"{tput.verified}/{tput.jobs}" if tput else "—",
+        jobs_per_s={n: t.jobs_per_s for n, t in runs.items()},
+        exactly_once=(
+            f"{sum(t.verified for t in runs.values())}/{sum(t.jobs for t in runs.values())}" if runs else "—"
+        ),
     )
 
 

@@ -24,14 +24,13 @@ log = logging.getLogger(__name__)
 
 BACKENDS: Final = ("sqlite", "postgres")
 SCENARIOS: Final = ("fanout", "latency", "throughput", "idle", "recovery")
-SUBMITTERS: Final = 8
 
 
 @dataclass(frozen=True, slots=True)
 class Plan:
     scenarios: tuple[str, ...]
     latency: tuple[LatencyParams, ...]  # one per offered rate
-    throughput: tuple[ThroughputParams, ...]  # one per worker count
+    throughput: tuple[ThroughputParams, ...]  # one per worker count and number of submitters
     idle: IdleParams
     recovery: RecoveryParams
     fanout: FanoutParams
@@ -42,7 +41,11 @@ class Plan:
 
     @property
     def workers(self) -> list[int]:
-        return [p.workers for p in self.throughput]
+        return list(dict.fromkeys(p.workers for p in self.throughput))
+
+    @property
+    def submitters(self) -> list[int]:
+        return list(dict.fromkeys(p.submitters for p in self.throughput))
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Plan:
@@ -54,8 +57,9 @@ class Plan:
                 for r in args.rates
             ),
             throughput=tuple(
-                ThroughputParams(jobs=args.throughput_jobs, workers=w, submitters=SUBMITTERS)
+                ThroughputParams(jobs=args.throughput_jobs, workers=w, submitters=n)
                 for w in args.workers
+                for n in args.submitters
             ),
             idle=IdleParams(workers=args.idle_workers, seconds=args.idle_seconds),
             recovery=RecoveryParams(workers=args.recovery_workers),
@@ -74,7 +78,9 @@ class Plan:
             "idle workers (latency)": str(lat.workers),
             "throughput jobs": str(tput.jobs),
             "workers (throughput, noop, 1 slot each)": ", ".join(str(w) for w in self.workers),
-            "concurrent submitters": str(tput.submitters),
+            "concurrent submitters (throughput; as many enqueuers for each peer)": ", ".join(
+                str(n) for n in self.submitters
+            ),
             "idle scenario": (
                 f"{self.idle.workers} connected workers on a fresh server,"
                 f" measured for {self.idle.seconds:g} s"
@@ -112,8 +118,13 @@ async def _run_scenarios(server: RunningServer, plan: Plan, result: BackendResul
             result.latency[lat.rate] = await run_latency(server, lat)
     if "throughput" in plan.scenarios:
         for tput in plan.throughput:
-            log.info("%s: throughput scenario with %d workers", result.backend, tput.workers)
-            result.throughput[tput.workers] = await run_throughput(server, tput)
+            log.info(
+                "%s: throughput scenario with %d workers and %d submitters",
+                result.backend,
+                tput.workers,
+                tput.submitters,
+            )
+            result.throughput[tput.workers, tput.submitters] = await run_throughput(server, tput)
     if "idle" in plan.scenarios:
         log.info("%s: idle scenario with %d workers", result.backend, plan.idle.workers)
         # On a server of its own: one that ran the other scenarios gives the idle sessions memory

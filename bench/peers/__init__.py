@@ -24,7 +24,7 @@ PEERS: Final = {
     "celery": ("Celery + Redis (prefork, 2)", "bench.peers.celery_peer"),
 }
 
-SessionFactory = Callable[[str, str], AbstractAsyncContextManager[PeerSession]]
+SessionFactory = Callable[..., AbstractAsyncContextManager[PeerSession]]  # (admin_url, out, *, connections)
 
 
 @dataclass(slots=True)
@@ -56,7 +56,7 @@ async def run_peer(name: str, admin_url: str, params: PeerParams) -> PeerResult:
     with tempfile.TemporaryDirectory(prefix=f"ias-bench-{name}-") as tmp:
         out, log_path = Path(tmp) / "ran.txt", Path(tmp) / "worker.log"
         try:
-            async with factory(admin_url, str(out)) as session:
+            async with factory(admin_url, str(out), connections=max(params.submitters)) as session:
                 result.figures = await measure(session, params, out, log_path)
         except (PeerFailed, TimeoutError, OSError) as exc:
             result.error = f"{type(exc).__name__}: {exc}\n{_tail(log_path)}"

@@ -1,4 +1,4 @@
-"""Celery with Redis: ``apply_async`` from threads, a prefork worker with 2 processes.
+"""Celery with Redis: ``send_task`` from a thread per enqueuer, a prefork worker with 2 processes.
 
 Each run gets its own Redis database number (one that is empty) and flushes it afterwards.
 """
@@ -10,6 +10,7 @@ import os
 import sys
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +27,15 @@ TASK: Final = "bench_noop"
 DB_NUMBERS: Final = range(1, 16)
 
 
-def make_app(url: str) -> Any:
+def make_app(url: str, *, connections: int = 10) -> Any:
     app = Celery("bench_peer", broker=url)
     # No result backend: the no-op returns nothing, and the same holds for the other peers.
-    app.conf.update(task_ignore_result=True, worker_hijack_root_logger=False, broker_connection_retry=False)
+    app.conf.update(
+        task_ignore_result=True,
+        worker_hijack_root_logger=False,
+        broker_connection_retry=False,
+        broker_pool_limit=connections,  # the producers' connections (10 by default)
+    )
 
     @app.task(name=TASK)
     def noop(i: int, sent: float) -> None:
@@ -47,6 +53,9 @@ class CelerySession:
     app: Any
     url: str
     out: str
+    # Celery's client blocks; a thread for each concurrent enqueuer, and a Redis connection for
+    # each (asyncio's default executor would cap them at the cores + 4).
+    threads: ThreadPoolExecutor
 
     @property
     def worker_argv(self) -> list[str]:
@@ -61,7 +70,7 @@ class CelerySession:
         return {ENV_URL: self.url, ENV_OUT: self.out}
 
     async def enqueue(self, index: int) -> None:
-        await asyncio.to_thread(self._send, index)
+        await asyncio.get_running_loop().run_in_executor(self.threads, self._send, index)
 
     def _send(self, index: int) -> None:
         sent = time.time()
@@ -84,13 +93,15 @@ def _free_db() -> int:
 
 
 @asynccontextmanager
-async def session(admin_url: str, out: str) -> AsyncIterator[CelerySession]:
+async def session(admin_url: str, out: str, *, connections: int) -> AsyncIterator[CelerySession]:
     del admin_url  # Celery uses Redis, not PostgreSQL
     number = await asyncio.to_thread(_free_db)
     url = f"{REDIS_URL}/{number}"
-    client = make_app(url)
+    client = make_app(url, connections=connections)
+    threads = ThreadPoolExecutor(max_workers=connections, thread_name_prefix="celery-enqueue")
     try:
-        yield CelerySession(app=client, url=url, out=out)
+        yield CelerySession(app=client, url=url, out=out, threads=threads)
     finally:
+        threads.shutdown()
         client.close()
         await asyncio.to_thread(redis.Redis.from_url(url).flushdb)

@@ -29,7 +29,6 @@ POLL_S: Final = 0.02
 STOP_TIMEOUT_S: Final = 15.0
 WARMUP_TIMEOUT_S: Final = 60.0
 DRAIN_TIMEOUT_S: Final = 120.0
-SUBMITTERS: Final = 8  # as many concurrent enqueuers as the IAS throughput run has submitters
 
 
 class PeerFailed(Exception):
@@ -62,13 +61,13 @@ class PeerParams:
     rate: float
     warmup: int
     throughput_jobs: int
+    submitters: tuple[int, ...]  # concurrent enqueuers of each throughput run, as IAS's submitters
 
 
 @dataclass(frozen=True, slots=True)
 class PeerFigures:
     latency_ms: Summary
-    jobs_per_s: float
-    elapsed_s: float
+    jobs_per_s: dict[int, float]  # by concurrent enqueuers
     verified: int  # warm-up, latency and throughput jobs that ran exactly once
     jobs: int
 
@@ -125,19 +124,17 @@ async def measure(session: PeerSession, params: PeerParams, out: Path, log_path:
         await _wait_observed(out, lat, DRAIN_TIMEOUT_S, pid)
         rows = observed(out)
         latency = summarise([(rows[i][1] - rows[i][0]) * 1000 for i in lat])
-        tput = range(lat.stop, lat.stop + params.throughput_jobs)
-        began = time.perf_counter()
-        await flood(session.enqueue, tput)
-        await _wait_finished(session, tput.stop, pid)
-        elapsed = time.perf_counter() - began
-    verified = _verify(observed(out), range(tput.stop))
-    return PeerFigures(
-        latency_ms=latency,
-        jobs_per_s=len(tput) / elapsed,
-        elapsed_s=elapsed,
-        verified=verified,
-        jobs=tput.stop,
-    )
+        jobs_per_s: dict[int, float] = {}
+        end = lat.stop
+        for submitters in params.submitters:
+            tput = range(end, end + params.throughput_jobs)
+            began = time.perf_counter()
+            await flood(session.enqueue, tput, submitters)
+            await _wait_finished(session, tput.stop, pid)
+            jobs_per_s[submitters] = len(tput) / (time.perf_counter() - began)
+            end = tput.stop
+    verified = _verify(observed(out), range(end))
+    return PeerFigures(latency_ms=latency, jobs_per_s=jobs_per_s, verified=verified, jobs=end)
 
 
 async def paced(enqueue: Callable[[int], Coroutine[None, None, None]], indices: range, rate: float) -> None:
@@ -151,7 +148,10 @@ async def paced(enqueue: Callable[[int], Coroutine[None, None, None]], indices: 
     await asyncio.gather(*tasks)
 
 
-async def flood(enqueue: Callable[[int], Coroutine[None, None, None]], indices: range) -> None:
+async def flood(
+    enqueue: Callable[[int], Coroutine[None, None, None]], indices: range, submitters: int
+) -> None:
+    """``submitters`` concurrent enqueuers, each enqueuing the next job once its previous returned."""
     todo = iter(indices)
 
     async def submitter() -> None:
@@ -159,7 +159,7 @@ async def flood(enqueue: Callable[[int], Coroutine[None, None, None]], indices: 
             await enqueue(index)
 
     async with asyncio.timeout(DRAIN_TIMEOUT_S):
-        await asyncio.gather(*(submitter() for _ in range(SUBMITTERS)))
+        await asyncio.gather(*(submitter() for _ in range(submitters)))
 
 
 async def _wait_observed(out: Path, indices: range, within_s: float, pid: int) -> None:

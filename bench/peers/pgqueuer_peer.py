@@ -20,7 +20,7 @@ import pgqueuer
 from pgqueuer import AsyncpgDriver, AsyncpgPoolDriver, Job, PgQueuer, Queries
 
 from bench import postgres
-from bench.peers.common import ENV_OUT, ENV_URL, SUBMITTERS, record
+from bench.peers.common import ENV_OUT, ENV_URL, record
 
 ENTRYPOINT = "bench_noop"
 
@@ -71,14 +71,14 @@ class PgQueuerSession:
 
 
 @asynccontextmanager
-async def session(admin_url: str, out: str) -> AsyncIterator[PgQueuerSession]:
+async def session(admin_url: str, out: str, *, connections: int) -> AsyncIterator[PgQueuerSession]:
     async with postgres.scratch_database(admin_url) as url:
         conn = await asyncpg.connect(url)
         try:
             await Queries(AsyncpgDriver(conn)).install()
         finally:
             await conn.close()
-        pool = await asyncpg.create_pool(url, min_size=SUBMITTERS, max_size=SUBMITTERS)
+        pool = await asyncpg.create_pool(url, min_size=connections, max_size=connections)
         try:
             yield PgQueuerSession(pool=pool, url=url, out=out)
         finally:

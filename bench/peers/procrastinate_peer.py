@@ -14,7 +14,7 @@ from typing import Final
 import procrastinate
 
 from bench import postgres
-from bench.peers.common import ENV_OUT, ENV_URL, SUBMITTERS, record
+from bench.peers.common import ENV_OUT, ENV_URL, record
 
 QUEUE: Final = "bench"
 TASK: Final = "bench_noop"
@@ -65,9 +65,9 @@ class ProcrastinateSession:
 
 
 @asynccontextmanager
-async def session(admin_url: str, out: str) -> AsyncIterator[ProcrastinateSession]:
+async def session(admin_url: str, out: str, *, connections: int) -> AsyncIterator[ProcrastinateSession]:
     async with postgres.scratch_database(admin_url) as url:
-        app = make_app(url, pool_size=SUBMITTERS)
+        app = make_app(url, pool_size=connections)
         async with app.open_async():
             await app.schema_manager.apply_schema_async()
             yield ProcrastinateSession(app=app, url=url, out=out)

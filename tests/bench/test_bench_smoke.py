@@ -43,8 +43,9 @@ def test_smoke_run_reports_every_scenario(tmp_path: Path) -> None:
         "dispatch p50 (ms) @ 50 jobs/s",
         "dispatch p99 (ms) @ 50 jobs/s",
         "submit round trip p50 / p99 (ms) @ 50 jobs/s",
-        "throughput (jobs/s) @ 4 workers",
-        "server CPU per job (ms) @ 4 workers",
+        "throughput (jobs/s) @ 4 workers, 2 submitters",
+        "throughput (jobs/s) @ 4 workers, 4 submitters",
+        "server CPU per job (ms) @ 4 workers, 2 submitters",
         "idle 20 workers: server CPU (% of a core)",
         "idle 20 workers: server RSS per worker (KiB)",
         "restart under 20 workers: all workers back (s)",
@@ -53,7 +54,8 @@ def test_smoke_run_reports_every_scenario(tmp_path: Path) -> None:
         "fan-out 3 watchers: commit → received p50 / p99 / max (ms)",
     ):
         assert NUMBER.match(_cell(report, metric)), f"{metric} has no figure:\n{report}"
-    assert _cell(report, "jobs done exactly once @ 4 workers") == "100/100"
+    assert _cell(report, "jobs done exactly once @ 4 workers, 2 submitters") == "100/100"
+    assert _cell(report, "jobs done exactly once @ 4 workers, 4 submitters") == "100/100"
     assert _cell(report, "fan-out 3 watchers: dropped stream resumed: gaps / duplicates") == "0 / 0"
     assert "## Peers" not in report, "--smoke must not run the peers unless asked"
 
@@ -87,7 +89,9 @@ def test_smoke_run_compares_the_peers(tmp_path: Path) -> None:
         "pgqueuer,procrastinate,celery",
     )
     assert "## Peers on the same workload" in report
+    # Latency p50 and p99, then a throughput figure for each number of enqueuers (2 and 4).
     for title in ("PgQueuer", "Procrastinate", "Celery + Redis (prefork, 2)"):
-        row = re.search(rf"^\| {re.escape(title)} \| ([^|]*) \| ([^|]*) \| ([^|]*) \|", report, re.MULTILINE)
+        row = re.search(rf"^\| {re.escape(title)} \|" + r" ([^|]*) \|" * 4, report, re.MULTILINE)
         assert row, f"no {title} row:\n{report}"
         assert all(NUMBER.match(cell.strip()) for cell in row.groups()), f"{title} has no figures:\n{report}"
+    assert "throughput, 2 enqueuers (jobs/s) | throughput, 4 enqueuers (jobs/s)" in report

@@ -45,6 +45,7 @@ class FanoutResult:
         head = f"fan-out {n} watchers"
         return {
             f"{head}: events/s to each watcher": f"{self.events_per_s:.0f}",
+            f"{head}: events per response (coalesced)": f"{m['events_per_response']:.1f}",
             f"{head}: commit → received p50 / p99 / max (ms)": Judged(
                 _ms(m, "p50_ms", "p99_ms", "max_ms"),
                 "p99 ≤ 25",

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+import grpc
+
 from bench import postgres
 from bench.fanout import FanoutParams, run_fanout
 from bench.idle import IdleParams, run_idle
@@ -104,6 +106,11 @@ async def run_backend(backend: str, admin_url: str, plan: Plan) -> BackendResult
         _shout(result.skipped)
     except (ServerFailed, ScenarioFailed, TimeoutError) as exc:
         result.error = f"{type(exc).__name__}: {exc}"
+        log.error("%s: %s", backend, result.error)
+    except grpc.aio.AioRpcError as exc:
+        # A call a scenario made failed (a deadline on a stalled machine, say): the backend's
+        # figures so far stay in the report, and the others still run.
+        result.error = f"a call failed: {exc.code().name}: {exc.details()}"
         log.error("%s: %s", backend, result.error)
     return result
 

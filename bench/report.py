@@ -25,6 +25,7 @@ class BackendResult:
     throughput: dict[tuple[int, int], ThroughputResult] = field(default_factory=dict)
     extra: dict[str, str | Judged] = field(default_factory=dict)  # label → value, from the other scenarios
     error: str = ""
+    log_tail: str = ""  # the control plane's last log lines, when a scenario failed
     skipped: str = ""
 
     @property
@@ -169,6 +170,11 @@ def table(
     return "\n".join(lines)
 
 
+def _log_block(result: BackendResult) -> str:
+    lines = "\n".join(f"    {line}" for line in result.log_tail.splitlines())
+    return f"The {result.title} control plane's last log lines:\n\n{lines}\n"
+
+
 def problems(results: Sequence[BackendResult]) -> list[str]:
     """One line per backend that was skipped or failed."""
     lines = []
@@ -237,6 +243,7 @@ def markdown(
         table(results, rates, workers, submitters),
         "",
         *(f"**{line}**\n" for line in problems(results)),
+        *(_log_block(r) for r in results if r.log_tail),
         "Targets (judged in the table where marked): dispatch p50 ≤ 1 ms and p99 ≤ 3 ms at 100 jobs/s,",
         "p99 ≤ 20 ms at 500 jobs/s; throughput on PostgreSQL ≥ 1,000 jobs/s and at least the fastest",
         "peer's with as many concurrent enqueuers; 2,000 idle workers ≤ 10 % of a core and ≤ 50 KB RSS",

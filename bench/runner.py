@@ -20,12 +20,13 @@ from bench.idle import IdleParams, run_idle
 from bench.recovery import RecoveryParams, run_recovery
 from bench.report import BackendResult
 from bench.scenarios import LatencyParams, ScenarioFailed, ThroughputParams, run_latency, run_throughput
-from bench.server import RunningServer, ServerFailed, control_plane
+from bench.server import RunningServer, ServerFailed, control_plane, tail
 
 log = logging.getLogger(__name__)
 
 BACKENDS: Final = ("sqlite", "postgres")
 SCENARIOS: Final = ("fanout", "latency", "throughput", "idle", "recovery")
+LOG_TAIL_LINES: Final = 40  # of the control plane's log, kept with a failed backend's error
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +101,12 @@ async def run_backend(backend: str, admin_url: str, plan: Plan) -> BackendResult
     result = BackendResult(backend=backend)
     try:
         async with _server(backend, admin_url) as server:
-            await _run_scenarios(server, plan, result, admin_url)
+            try:
+                await _run_scenarios(server, plan, result, admin_url)
+            except (ScenarioFailed, TimeoutError, grpc.aio.AioRpcError):
+                # What the control plane logged last goes with the failure into the report.
+                result.log_tail = tail(server.log_path, LOG_TAIL_LINES)
+                raise
     except postgres.PostgresUnavailable as exc:
         result.skipped = f"PostgreSQL at {admin_url} is unreachable ({exc})"
         _shout(result.skipped)

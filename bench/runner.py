@@ -103,22 +103,25 @@ async def run_backend(backend: str, admin_url: str, plan: Plan) -> BackendResult
         async with _server(backend, admin_url) as server:
             try:
                 await _run_scenarios(server, plan, result, admin_url)
-            except (ScenarioFailed, TimeoutError, grpc.aio.AioRpcError):
-                # What the control plane logged last goes with the failure into the report.
+            except (ScenarioFailed, TimeoutError, grpc.aio.AioRpcError) as exc:
+                # The backend's figures so far stay in the report, with what its control plane
+                # logged last, and the other backends still run.
+                _failed(result, exc)
                 result.log_tail = tail(server.log_path, LOG_TAIL_LINES)
-                raise
     except postgres.PostgresUnavailable as exc:
         result.skipped = f"PostgreSQL at {admin_url} is unreachable ({exc})"
         _shout(result.skipped)
-    except (ServerFailed, ScenarioFailed, TimeoutError) as exc:
-        result.error = f"{type(exc).__name__}: {exc}"
-        log.error("%s: %s", backend, result.error)
-    except grpc.aio.AioRpcError as exc:
-        # A call a scenario made failed (a deadline on a stalled machine, say): the backend's
-        # figures so far stay in the report, and the others still run.
-        result.error = f"a call failed: {exc.code().name}: {exc.details()}"
-        log.error("%s: %s", backend, result.error)
+    except (ServerFailed, TimeoutError) as exc:
+        _failed(result, exc)
     return result
+
+
+def _failed(result: BackendResult, exc: Exception) -> None:
+    if isinstance(exc, grpc.aio.AioRpcError):  # a call a scenario made (a deadline, say)
+        result.error = f"a call failed: {exc.code().name}: {exc.details()}"
+    else:
+        result.error = f"{type(exc).__name__}: {exc}"
+    log.error("%s: %s", result.backend, result.error)
 
 
 async def _run_scenarios(server: RunningServer, plan: Plan, result: BackendResult, admin_url: str) -> None:

@@ -8,11 +8,10 @@ from __future__ import annotations
 import importlib
 import logging
 import tempfile
-from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, Protocol
 
 from bench.peers.common import PeerFailed, PeerFigures, PeerParams, PeerSession, measure
 
@@ -24,7 +23,13 @@ PEERS: Final = {
     "celery": ("Celery + Redis (prefork, 2)", "bench.peers.celery_peer"),
 }
 
-SessionFactory = Callable[..., AbstractAsyncContextManager[PeerSession]]  # (admin_url, out, *, connections)
+
+class SessionFactory(Protocol):
+    """A peer module's ``session``: a fresh store, and a pool with ``connections`` connections."""
+
+    def __call__(
+        self, admin_url: str, out: str, *, connections: int
+    ) -> AbstractAsyncContextManager[PeerSession]: ...
 
 
 @dataclass(slots=True)

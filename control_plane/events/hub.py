@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 
 from control_plane.domain.workers import Event
+from control_plane.events.pacing import Pacer
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +36,14 @@ class Subscription:
     """A subscriber's bounded backlog; it is cut off (``overflowed``) rather than slowing writers.
 
     Offering an event is an append, and wakes the subscriber only if it is waiting: a subscriber
-    that is busy sending finds everything that arrived meanwhile in one `batch`.
+    that is busy sending finds everything that arrived meanwhile in one `batch`. While the event
+    loop is saturated, a `Pacer` spaces the batches out (see `control_plane.events.pacing`).
     """
 
-    def __init__(self, *, limit: int) -> None:
+    def __init__(self, *, limit: int, pacer: Pacer | None = None) -> None:
         self._limit = limit
+        self._pacer = pacer
+        self._last_take = 0.0
         self._backlog: deque[Event] = deque()
         self._waiting: asyncio.Future[None] | None = None
         self._ended = False
@@ -67,12 +71,18 @@ class Subscription:
 
         An empty list means the subscription ended (closed or overflowed).
         """
+        loop = asyncio.get_running_loop()
         if not self._backlog and not self._ended:
-            self._waiting = asyncio.get_running_loop().create_future()
+            self._waiting = loop.create_future()
             try:
                 await self._waiting
             finally:
                 self._waiting = None
+        if self._pacer is not None and not self._ended:
+            wait = self._last_take + self._pacer.gap - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            self._last_take = loop.time()
         backlog = self._backlog
         return [backlog.popleft() for _ in range(min(limit, len(backlog)))]
 
@@ -137,6 +147,7 @@ class EventHub:
         self._read_since = read_since
         self._last_seq = last_seq
         self._feeds: dict[str, _Feed] = {}
+        self._pacer = Pacer()
 
     @asynccontextmanager
     async def subscribe(self, workspace_id: str) -> AsyncIterator[Subscription]:
@@ -145,11 +156,13 @@ class EventHub:
         if feed is None:
             last = await self._last_seq(workspace_id)
             feed = self._feeds.setdefault(workspace_id, _Feed(workspace_id, last))
-        sub = Subscription(limit=SUBSCRIBER_QUEUE_SIZE)
+        sub = Subscription(limit=SUBSCRIBER_QUEUE_SIZE, pacer=self._pacer)
         feed.subscribers.add(sub)
+        self._pacer.acquire()
         try:
             yield sub
         finally:
+            self._pacer.release()
             feed.subscribers.discard(sub)
             if not feed.subscribers and self._feeds.get(workspace_id) is feed:
                 del self._feeds[workspace_id]

@@ -1,0 +1,77 @@
+"""Pacing of the Console fan-out while the event loop is saturated.
+
+grpc.aio takes a new call of a method only after a few turns of the event loop, and each turn runs
+every task that is ready. With many Watch streams ready at once, each turn grows long, new unary
+calls (``SubmitJob``, the Console's actions) queue inside gRPC's core faster than the server takes
+them, and past 1,000 queued calls the core drops them at random, answering CANCELLED. Measured on
+2 cores with 200 watchers and 667 submissions a second: 110 calls a second taken, the rest queued
+until dropped (``bench/RESULTS.md``).
+
+So while the turns are long, each subscriber sends at most one response per `Pacer.gap`: what
+arrives meanwhile waits in its backlog and goes out coalesced in the next response. Fewer tasks
+are ready in each turn, the turns shorten, and the server takes calls again. The gap grows by a
+quarter each sample while turns are longer than `TARGET_S`, and shrinks back to zero once they
+are under half of it; while turns are short an event goes out the moment it is published.
+
+The length of a turn is sampled as the delay of a ``call_soon`` callback, taken every
+`SAMPLE_PERIOD_S` while anyone watches: a callback queued during one turn runs in the next, after
+everything queued before it, so an idle loop runs it within microseconds and a saturated one
+after about a turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+SAMPLE_PERIOD_S = 0.005
+SMOOTHING = 0.3  # weight of the newest sample in the moving average
+TARGET_S = 0.0005  # the turn length pacing works towards: a call taken every ~3 ms or faster
+GROWTH = 1.25  # the gap's factor per sample while turns are too long
+SHRINK = 0.8  # its factor per sample once they are short again
+MIN_GAP_S = 0.001  # the first gap; a shrinking gap below it is zero
+CEILING_S = 0.05  # the longest gap, whatever the load
+
+
+class Pacer:
+    """Turns the loop's current turn length into the gap subscribers keep between responses.
+
+    Samples only while in use (`acquire` / `release`), so a replica nobody watches pays nothing.
+    """
+
+    def __init__(self) -> None:
+        self.turn_s = 0.0  # moving average of the sampled turn length
+        self.gap = 0.0  # seconds a subscriber waits after one response before taking the next
+        self._users = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._chain = 0  # the sampling chain that is current; older ones stop
+
+    def acquire(self) -> None:
+        self._users += 1
+        if self._users == 1:
+            self._chain += 1
+            self._schedule(asyncio.get_running_loop(), self._chain)
+
+    def release(self) -> None:
+        self._users -= 1
+        if self._users == 0:
+            self._chain += 1  # a sample under way is dropped
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self.turn_s = self.gap = 0.0
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop, chain: int) -> None:
+        self._timer = loop.call_later(SAMPLE_PERIOD_S, self._probe, loop, chain)
+
+    def _probe(self, loop: asyncio.AbstractEventLoop, chain: int) -> None:
+        loop.call_soon(self._measure, loop, chain, loop.time())
+
+    def _measure(self, loop: asyncio.AbstractEventLoop, chain: int, queued_at: float) -> None:
+        if chain != self._chain:
+            return
+        self.turn_s += SMOOTHING * (loop.time() - queued_at - self.turn_s)
+        if self.turn_s > TARGET_S:
+            self.gap = min(max(self.gap * GROWTH, MIN_GAP_S), CEILING_S)
+        elif self.turn_s < TARGET_S / 2 and self.gap:
+            self.gap = self.gap * SHRINK if self.gap * SHRINK >= MIN_GAP_S else 0.0
+        self._schedule(loop, chain)

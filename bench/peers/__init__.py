@@ -1,4 +1,5 @@
-"""Peer job queues run on the same no-op workload as IAS: PgQueuer, Procrastinate, Celery + Redis.
+"""Peer job queues run on the same no-op workload as IAS: PgQueuer, Procrastinate, Celery + Redis
+(the machine's, which keeps nothing on disk, and one of its own that fsyncs every write).
 
 The peer packages come with the ``bench`` extra; each is imported only when asked for.
 """
@@ -21,6 +22,7 @@ PEERS: Final = {
     "pgqueuer": ("PgQueuer", "bench.peers.pgqueuer_peer"),
     "procrastinate": ("Procrastinate", "bench.peers.procrastinate_peer"),
     "celery": ("Celery + Redis (prefork, 2)", "bench.peers.celery_peer"),
+    "celery-aof": ("Celery + Redis, fsync on every write (prefork, 2)", "bench.peers.celery_aof_peer"),
 }
 
 

@@ -97,6 +97,16 @@ async def session(admin_url: str, out: str, *, connections: int) -> AsyncIterato
     del admin_url  # Celery uses Redis, not PostgreSQL
     number = await asyncio.to_thread(_free_db)
     url = f"{REDIS_URL}/{number}"
+    try:
+        async with on_redis(url, out, connections=connections) as celery:
+            yield celery
+    finally:
+        await asyncio.to_thread(redis.Redis.from_url(url).flushdb)
+
+
+@asynccontextmanager
+async def on_redis(url: str, out: str, *, connections: int) -> AsyncIterator[CelerySession]:
+    """The client side on the Redis at ``url``: the app and a thread for each enqueuer."""
     client = make_app(url, connections=connections)
     threads = ThreadPoolExecutor(max_workers=connections, thread_name_prefix="celery-enqueue")
     try:
@@ -104,4 +114,3 @@ async def session(admin_url: str, out: str, *, connections: int) -> AsyncIterato
     finally:
         threads.shutdown()
         client.close()
-        await asyncio.to_thread(redis.Redis.from_url(url).flushdb)

@@ -94,5 +94,8 @@ jobs for IAS, and every job of the run for a peer).
 PgQueuer and Procrastinate each get a fresh PostgreSQL database (dropped afterwards) and one worker
 process with their default settings (Procrastinate with concurrency 20, as IAS has 20 one-slot
 workers); Celery gets an empty Redis database number (flushed afterwards) and a prefork worker with
-2 processes. Peers and IAS run one after the other on the same machine in the same run.
+2 processes. The machine's Redis keeps nothing on disk, so that Celery's enqueue waits for no
+flush, where IAS's and the PostgreSQL queues' commits do; "fsync on every write" is the same Celery
+on a Redis of its own with `appendfsync always`. Peers and IAS run one after the other on the same
+machine in the same run.
 """

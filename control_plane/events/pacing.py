@@ -4,8 +4,8 @@ grpc.aio takes a new call of a method only after a few turns of the event loop, 
 every task that is ready. With many Watch streams ready at once, each turn grows long, new unary
 calls (``SubmitJob``, the Console's actions) queue inside gRPC's core faster than the server takes
 them, and past 1,000 queued calls the core drops them at random, answering CANCELLED. Measured on
-2 cores with 200 watchers and 667 submissions a second: 60–150 calls a second taken, the rest
-queued until dropped; 350–390 with the pacing below (``bench/RESULTS.md``).
+2 cores with 200 watchers and 667 submissions a second: 60 to 150 calls a second taken, the rest
+queued until dropped; 350 to 390 with the pacing below (``bench/RESULTS.md``).
 
 So while the turns are long, each subscriber sends at most one response per `Pacer.gap`: what
 arrives meanwhile waits in its backlog and goes out coalesced in the next response. Fewer tasks

@@ -107,6 +107,15 @@ def server() -> None:
     help="Allow plaintext on a non-loopback address.",
 )
 @click.option(
+    "--early-dispatch/--no-early-dispatch",
+    envvar="IAS_EARLY_DISPATCH",
+    show_envvar=True,
+    default=True,
+    show_default=True,
+    help="PostgreSQL: send a job to an idle worker once its submission commits, before the commit "
+    "is on disk (the submitter still hears only once it is).",
+)
+@click.option(
     "--ready-file",
     envvar="IAS_READY_FILE",
     show_envvar=True,
@@ -122,6 +131,7 @@ def start(
     tls_cert: Path | None,
     tls_key: Path | None,
     insecure: bool,
+    early_dispatch: bool,
     ready_file: Path | None,
 ) -> None:
     """Serve the control plane until SIGTERM or Ctrl-C (graceful: workers are told to drain)."""
@@ -134,6 +144,7 @@ def start(
         tls_cert=tls_cert,
         tls_key=tls_key,
         allow_insecure=insecure,
+        early_dispatch=early_dispatch,
     )
     _run(serve(settings, ready_file=ready_file))
 

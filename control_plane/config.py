@@ -30,6 +30,9 @@ class ServerSettings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     allow_insecure: bool = False
+    # PostgreSQL: a job an idle session takes at once goes out when its submission has committed,
+    # before the commit is on disk; the submitter hears once it is (see control_plane.flushes).
+    early_dispatch: bool = True
     replica_id: str = field(default_factory=lambda: new_id("rep"))
 
     @property

@@ -10,6 +10,11 @@ Every caller gets its own answer: ``apply`` returns one value or exception per r
 stale outcome in a batch is rejected without touching the others. If the transaction itself fails
 (any error escaping ``apply``), nothing of the batch was committed; the requests are then retried
 one by one, so one bad request cannot fail its neighbours, unless the database is unavailable.
+
+An ``apply`` whose transaction has a tail that holds no lock (waiting for its commit to reach the
+disk, see `control_plane.flushes`) calls `Batch.committed` when its statement has committed: the
+next batch starts then, and the two overlap, one committing while the other waits for its flush.
+Statements still run one at a time, in order.
 """
 
 from __future__ import annotations
@@ -26,7 +31,21 @@ log = logging.getLogger(__name__)
 R = TypeVar("R")
 T = TypeVar("T")
 
-Apply = Callable[[Sequence[R]], Awaitable[list[T | Exception]]]
+
+class Batch(list[R]):
+    """The requests of one transaction; `committed` lets the next batch begin before it ends."""
+
+    def __init__(self, requests: list[R], started: asyncio.Future[None]) -> None:
+        super().__init__(requests)
+        self._started = started
+
+    def committed(self, *_: object) -> None:
+        """The statement has committed; what is left of the transaction may overlap the next."""
+        if not self._started.done():
+            self._started.set_result(None)
+
+
+Apply = Callable[[Batch[R]], Awaitable[list[T | Exception]]]
 
 
 class GroupCommit(Generic[R, T]):
@@ -37,6 +56,7 @@ class GroupCommit(Generic[R, T]):
         self._max_batch = max_batch
         self._queue: list[tuple[R, asyncio.Future[T]]] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._tails: set[asyncio.Task[None]] = set()  # batches committed, not yet answered
         self.batches = 0  # committed or failed transactions, for tests and diagnostics
 
     async def __call__(self, request: R) -> T:
@@ -52,20 +72,36 @@ class GroupCommit(Generic[R, T]):
         return future
 
     async def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
         try:
             while self._queue:
                 batch = self._queue[: self._max_batch]
                 del self._queue[: self._max_batch]
-                await self._run(batch)
+                started = loop.create_future()
+                run = loop.create_task(self._run(batch, started), name="group commit batch")
+                try:
+                    await asyncio.wait((run, started), return_when=asyncio.FIRST_COMPLETED)
+                except asyncio.CancelledError:
+                    run.cancel()
+                    raise
+                finally:
+                    started.cancel()
+                if not run.done():  # committed; its tail overlaps the next batch
+                    self._tails.add(run)
+                    run.add_done_callback(self._tails.discard)
         finally:
             self._flusher = None
             left, self._queue = self._queue, []
             _settle(left, [Unavailable("the control plane is stopping")] * len(left))
 
-    async def _run(self, batch: list[tuple[R, asyncio.Future[T]]]) -> None:
+    async def _run(
+        self, batch: list[tuple[R, asyncio.Future[T]]], started: asyncio.Future[None] | None = None
+    ) -> None:
         self.batches += 1
+        started = started or asyncio.get_running_loop().create_future()
+        requests = Batch([request for request, _ in batch], started)
         try:
-            results = await self._apply([request for request, _ in batch])
+            results = await self._apply(requests)
         except Unavailable as exc:
             _settle(batch, [exc] * len(batch))
         except asyncio.CancelledError:

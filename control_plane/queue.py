@@ -19,7 +19,7 @@ from control_plane.domain import jobs as jobs_domain
 from control_plane.domain.jobs import Job, JobResult, JobStatus
 from control_plane.domain.workers import Event, EventKind, Worker
 from control_plane.errors import IasError, InvalidArgument, StaleLease
-from control_plane.group_commit import GroupCommit
+from control_plane.group_commit import Batch, GroupCommit
 from control_plane.ids import new_id
 from control_plane.store import events as events_store
 from control_plane.store import jobs as jobs_store
@@ -167,7 +167,7 @@ class JobQueue(WorkerRecords):
             return existing, True
         return job, False
 
-    async def _insert_jobs(self, jobs: Sequence[Job]) -> list[Job | Exception]:
+    async def _insert_jobs(self, jobs: Batch[Job]) -> list[Job | Exception]:
         """Store submissions without an idempotency key, many per transaction (group commit).
 
         A job an idle session can take at once is stored already assigned to it and sent after the
@@ -190,8 +190,10 @@ class JobQueue(WorkerRecords):
                     assigned.append(running)
                 tx.inserts += stored
                 if direct is not None and assigned:
-                    # The first moment the assignments are durable: on their way at once.
+                    # On their way the moment they are committed, before that is on disk.
                     tx.on_commit.extend(partial(direct.deliver, job) for job in assigned)
+                    tx.early = True
+                tx.on_commit.append(jobs.committed)  # the next batch may commit meanwhile
         except BaseException:
             for job in assigned:
                 assert direct is not None

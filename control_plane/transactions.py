@@ -30,6 +30,7 @@ from control_plane.domain.jobs import Job, JobStatus
 from control_plane.domain.workers import Event, EventKind
 from control_plane.errors import NotFound
 from control_plane.events.hub import EventHub
+from control_plane.flushes import Flushes
 from control_plane.store import events as events_store
 from control_plane.store import jobs as jobs_store
 from control_plane.store import pg_direct, sqlite_direct
@@ -89,6 +90,10 @@ class Tx:
     committed_at: float = 0.0
     quiet: bool = False  # written without notifications (see dispatch.peers)
     claiming: list[str] = field(default_factory=list)  # pending jobs it read to claim (_take_pending)
+    # Direct, PostgreSQL: ``on_commit`` sends jobs to workers, so it runs once the statement has
+    # committed, before the commit is on disk; the rest of the transaction's end waits for that
+    # (see control_plane.flushes). Off with ``ServerSettings.early_dispatch``.
+    early: bool = False
 
     @property
     def conn(self) -> AsyncConnection:
@@ -123,6 +128,7 @@ class Transactions:
         self._statistics = Statistics()
         # Pending jobs that a transaction of this replica read to claim and has not ended yet.
         self._claiming: set[str] = set()
+        self.flushes = Flushes(self._flush)
 
     @property
     def db(self) -> Database:
@@ -150,12 +156,15 @@ class Transactions:
                 tx = Tx(sql=None, direct=raw, now=self._clock())
                 try:
                     yield tx
-                    published = await self._flush_postgres(tx, raw)
+                    lazy = tx.early and self._settings.early_dispatch
+                    published = await self._flush_postgres(tx, raw, lazy=lazy)
                 finally:
                     self._ended(tx)
                 # The statement was its own transaction: committed. Before the connection goes
                 # back to its pool (a few turns of the event loop).
                 _committed(tx)
+            if lazy and (tx.inserts or tx.saves or tx.drafts):
+                await self.flushes.wait()
         else:
             began = None
             try:
@@ -183,7 +192,9 @@ class Transactions:
         )
         return _numbered(tx, last)
 
-    async def _flush_postgres(self, tx: Tx, raw: asyncpg.Connection | None = None) -> list[Event]:
+    async def _flush_postgres(
+        self, tx: Tx, raw: asyncpg.Connection | None = None, *, lazy: bool = False
+    ) -> list[Event]:
         if not (tx.inserts or tx.saves or tx.drafts or tx.available):
             return []
         tx.quiet = self.peers is not None and self.peers.quiet_write()
@@ -197,8 +208,13 @@ class Transactions:
             replica_id=self._settings.replica_id,
             now=tx.now,
             notify=not tx.quiet,
+            lazy=lazy,
         )
         return _numbered(tx, last)
+
+    async def _flush(self) -> None:
+        async with self._db.direct() as raw:
+            await pg_direct.flush(raw)
 
     def _ended(self, tx: Tx) -> None:
         """A transaction ended, committed or not."""

@@ -52,9 +52,10 @@ _TYPES: Final = {c.name: _array_type(c) for c in _jobs.columns}
 _EVENT_FIELDS: Final = ("kind", "job_id", "worker_id", "reason", "data")
 
 
-def _build(*, notify: bool, inserts: bool, saves: bool) -> str:
+def _build(*, notify: bool, inserts: bool, saves: bool, lazy: bool = False) -> str:
     """The write statement; ``notify``: with its ``pg_notify`` calls (see `dispatch.peers`);
-    ``inserts``, ``saves``: with the parts that insert new jobs and save fenced ones.
+    ``inserts``, ``saves``: with the parts that insert new jobs and save fenced ones; ``lazy``:
+    committed without waiting for the commit's flush to disk (see `flush`).
 
     A statement has only the parts its transaction needs: a submission saves nothing and an
     outcome inserts nothing, and each part left out is arrays not encoded and a step not run
@@ -107,19 +108,30 @@ def _build(*, notify: bool, inserts: bool, saves: bool) -> str:
     FROM seq, unnest({events}) WITH ORDINALITY AS e({fields}, n)
 )""")
     fence_check = f",\n       ias_fence(cardinality({fenced}), (SELECT count(*) FROM saved))" if saves else ""
+    if lazy:
+        # Local to the statement's transaction; referenced, so that it runs.
+        parts.append("lazy AS (SELECT set_config('synchronous_commit', 'off', true) AS off)")
+        fence_check += ",\n       (SELECT off FROM lazy)"
     return f"""
 WITH {", ".join(parts)}
 SELECT (SELECT event_seq FROM seq), {notify_jobs}{fence_check}
 """
 
 
-# By (notify, inserts, saves).
+# By (notify, inserts, saves, lazy).
 _STATEMENTS: Final = {
-    (notify, inserts, saves): _build(notify=notify, inserts=inserts, saves=saves)
+    (notify, inserts, saves, lazy): _build(notify=notify, inserts=inserts, saves=saves, lazy=lazy)
     for notify in (True, False)
     for inserts in (True, False)
     for saves in (True, False)
+    for lazy in (True, False)
 }
+
+# A write that waits for its commit's flush (`synchronous_commit` at its default): its commit
+# record follows, in the write-ahead log, every commit that returned before it began, so once it
+# returns those are on disk too. A transactional logical-decoding message is the smallest logged
+# write (a commit that wrote nothing is not flushed); it needs no table or privilege.
+_FLUSH: Final = "SELECT pg_logical_emit_message(true, 'ias', 'flush')"
 
 # What a replica that stayed quiet sends once another may be listening: for each workspace its
 # quiet writes touched, the latest sequence number and that jobs may be waiting.
@@ -184,9 +196,11 @@ async def write(
     replica_id: str,
     now: datetime,
     notify: bool = True,
+    lazy: bool = False,
 ) -> dict[str, int]:
     """Write it all; returns each workspace's last event sequence number. ``notify``: wake other
-    replicas (`dispatch.peers` decides).
+    replicas (`dispatch.peers` decides); ``lazy``: return once committed, before the commit is on
+    disk (the caller waits for `flush` before it tells anyone outside this process).
 
     One statement per workspace with events (the first carries the job writes and the hints), in
     workspace order, so two transactions lock sequence rows in the same order. Several statements
@@ -211,7 +225,7 @@ async def write(
             events = [event_row(d) for d in drafts.get(workspace_id, ())]
             first = i == 0  # the job writes go with the first workspace's events
             row = await conn.fetchrow(
-                _STATEMENTS[notify, first and bool(inserts), first and bool(saves)],
+                _STATEMENTS[notify, first and bool(inserts), first and bool(saves), lazy],
                 *(job_params if first else []),
                 workspace_id,
                 now,
@@ -228,6 +242,11 @@ async def write(
     else:
         await run()
     return last
+
+
+async def flush(conn: asyncpg.Connection) -> None:
+    """Return once every commit that returned before this call is on disk."""
+    await conn.execute(_FLUSH)
 
 
 async def hint(conn: asyncpg.Connection, *, workspaces: Sequence[str], replica_id: str) -> None:

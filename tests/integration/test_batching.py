@@ -16,6 +16,7 @@ from ias.v1 import worker_service_pb2 as wpb
 from control_plane.domain.jobs import Job, JobResult, JobStatus
 from control_plane.domain.workers import Event, EventKind
 from control_plane.errors import NotFound, StaleLease
+from control_plane.flushes import Flushes
 from control_plane.queue import JobQueue, NewJob, Recorded, Refill
 from control_plane.transactions import Assignee
 
@@ -272,3 +273,50 @@ async def test_an_outcome_claims_the_next_job_for_its_session_in_the_same_transa
             e for e in events if e.kind is EventKind.JOB_ASSIGNED and e.job and e.job.id == b.id
         )
         assert finished_a.occurred_at == assigned_b.occurred_at, "one transaction"
+
+
+@pytest.mark.postgres
+async def test_an_idle_worker_gets_a_job_before_its_submitter_hears_that_it_is_on_disk(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """Early dispatch: the assignment leaves once the submission has committed; the submitter is
+    answered only after the flush that puts the commit on disk (held back here)."""
+    async with running_plane(settings_for(tmp_path, db_url=pg_url)) as cp:
+        disk = asyncio.Event()
+        real = cp.plane.queue.flushes
+
+        async def held_flush() -> None:
+            await disk.wait()
+            await real.wait()
+
+        cp.plane.queue.flushes = Flushes(held_flush)
+        w = RawWorker(cp.address, cp.worker)
+        await w.hello("w1")
+        jobs = JobsClient(cp.address, cp.admin)
+        await asyncio.sleep(0.2)  # the session is known idle: the job goes in its submit
+        submit = asyncio.create_task(jobs.submit("noop"))
+        assignment = (await w.read("assignment")).assignment
+        await asyncio.sleep(0.1)
+        assert not submit.done(), "the submitter heard before the commit was on disk"
+        disk.set()
+        submitted = await asyncio.wait_for(submit, 10)
+        assert submitted.id == assignment.job.id
+        assert cp.plane.queue.flushes.flushes == 1
+        await w.close()
+        await jobs.close()
+
+
+@pytest.mark.postgres
+async def test_without_early_dispatch_a_submission_commits_to_disk_before_anything_leaves(
+    tmp_path: Path, pg_url: str
+) -> None:
+    async with running_plane(settings_for(tmp_path, db_url=pg_url, early_dispatch=False)) as cp:
+        w = RawWorker(cp.address, cp.worker)
+        await w.hello("w1")
+        jobs = JobsClient(cp.address, cp.admin)
+        await asyncio.sleep(0.2)
+        submitted = await jobs.submit("noop")
+        assert (await w.read("assignment")).assignment.job.id == submitted.id
+        assert cp.plane.queue.flushes.flushes == 0  # each commit waited for its own flush
+        await w.close()
+        await jobs.close()

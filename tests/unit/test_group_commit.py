@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import pytest
 
 from control_plane.errors import StaleLease, Unavailable
-from control_plane.group_commit import GroupCommit
+from control_plane.group_commit import Batch, GroupCommit
 
 
 class Recorder:
@@ -80,3 +80,34 @@ async def test_a_caller_that_gives_up_does_not_disturb_the_others() -> None:
         await impatient
     assert await patient == 4
     assert apply.batches == [[1, 2]]  # what was sent is still committed
+
+
+async def test_a_batch_that_has_committed_lets_the_next_begin_while_it_finishes() -> None:
+    """Statements run one at a time, in order; the tail after `Batch.committed` overlaps."""
+    log: list[str] = []
+    tails: list[asyncio.Event] = []
+
+    async def apply(batch: Batch[int]) -> list[int | Exception]:
+        log.append(f"statement {list(batch)}")
+        await asyncio.sleep(0.005)
+        batch.committed()
+        tail = asyncio.Event()
+        tails.append(tail)
+        await tail.wait()  # waiting for the flush
+        log.append(f"answered {list(batch)}")
+        return [r * 2 for r in batch]
+
+    batcher: GroupCommit[int, int] = GroupCommit(apply)
+    first = asyncio.create_task(batcher(1))
+    await asyncio.sleep(0.001)
+    second = [asyncio.create_task(batcher(n)) for n in (2, 3)]
+    for _ in range(200):
+        if len(tails) == 2:
+            break
+        await asyncio.sleep(0.005)
+    assert log == ["statement [1]", "statement [2, 3]"]  # the second began before the first ended
+    tails[1].set()
+    assert await asyncio.gather(*second) == [4, 6]
+    assert not first.done()
+    tails[0].set()
+    assert await first == 2

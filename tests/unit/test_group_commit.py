@@ -111,3 +111,21 @@ async def test_a_batch_that_has_committed_lets_the_next_begin_while_it_finishes(
     assert not first.done()
     tails[0].set()
     assert await first == 2
+
+
+async def test_a_batch_that_fails_after_its_commit_is_not_applied_again() -> None:
+    applied: list[list[int]] = []
+
+    async def apply(batch: Batch[int]) -> list[int | Exception]:
+        applied.append(list(batch))
+        batch.committed()
+        await asyncio.sleep(0)
+        raise RuntimeError("the flush failed")
+
+    batcher: GroupCommit[int, int] = GroupCommit(apply)
+    results = await asyncio.gather(batcher(1), batcher(2), return_exceptions=True)
+    assert all(isinstance(r, RuntimeError) for r in results)
+    assert applied == [[1, 2]]  # no retries one by one: both were committed
+    with pytest.raises(RuntimeError):
+        await batcher(3)  # the batcher goes on with the next request
+    assert applied == [[1, 2], [3]]

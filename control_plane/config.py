@@ -31,7 +31,7 @@ class ServerSettings:
     tls_key: Path | None = None
     allow_insecure: bool = False
     # PostgreSQL: a job an idle session takes at once goes out when its submission has committed,
-    # before the commit is on disk; the submitter hears once it is (see control_plane.flushes).
+    # before the commit is on disk; the submitter hears once it is (see store.pg_direct.flush).
     early_dispatch: bool = True
     replica_id: str = field(default_factory=lambda: new_id("rep"))
 

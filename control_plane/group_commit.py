@@ -13,7 +13,7 @@ requests are then retried one by one, so one bad request cannot fail its neighbo
 database is unavailable. An error after `Batch.committed` goes to every request of the batch as it is.
 
 An ``apply`` whose transaction has a tail that holds no lock (waiting for its commit to reach the
-disk, see `control_plane.flushes`) calls `Batch.committed` when its statement has committed: a new
+disk, see `store.pg_direct.flush`) calls `Batch.committed` when its statement has committed: a new
 flusher task takes the next batch then, while this one finishes its tail, and the two overlap,
 one committing while the other waits for its flush. Statements still run one at a time, in order.
 Handing over costs one new task per committed batch, less than running every batch in a task of

@@ -9,6 +9,7 @@ waited for the commit runs and the events go to live subscribers. Claims read pe
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 import time
@@ -28,9 +29,8 @@ from control_plane.dispatch.peers import Peers
 from control_plane.domain import jobs as jobs_domain
 from control_plane.domain.jobs import Job, JobStatus
 from control_plane.domain.workers import Event, EventKind
-from control_plane.errors import NotFound
+from control_plane.errors import NotFound, Unavailable
 from control_plane.events.hub import EventHub
-from control_plane.flushes import Flushes
 from control_plane.store import events as events_store
 from control_plane.store import jobs as jobs_store
 from control_plane.store import pg_direct, sqlite_direct
@@ -92,7 +92,7 @@ class Tx:
     claiming: list[str] = field(default_factory=list)  # pending jobs it read to claim (_take_pending)
     # Direct, PostgreSQL: ``on_commit`` sends jobs to workers, so it runs once the statement has
     # committed, before the commit is on disk; the rest of the transaction's end waits for that
-    # (see control_plane.flushes). Off with ``ServerSettings.early_dispatch``.
+    # (see `store.pg_direct.flush`). Off with ``ServerSettings.early_dispatch``.
     early: bool = False
 
     @property
@@ -128,7 +128,6 @@ class Transactions:
         self._statistics = Statistics()
         # Pending jobs that a transaction of this replica read to claim and has not ended yet.
         self._claiming: set[str] = set()
-        self.flushes = Flushes(self._flush)
 
     @property
     def db(self) -> Database:
@@ -152,19 +151,30 @@ class Transactions:
                     self._ended(began)
             _committed(tx)
         elif direct:
-            async with self._db.direct() as raw:
-                tx = Tx(sql=None, direct=raw, now=self._clock())
-                try:
-                    yield tx
-                    lazy = tx.early and self._settings.early_dispatch
-                    published = await self._flush_postgres(tx, raw, lazy=lazy)
-                finally:
-                    self._ended(tx)
-                # The statement was its own transaction: committed. Before the connection goes
-                # back to its pool (a few turns of the event loop).
-                _committed(tx)
-            if lazy and (tx.inserts or tx.saves or tx.drafts):
-                await self.flushes.wait()
+            flushing = False
+            try:
+                async with self._db.direct() as raw:
+                    tx = Tx(sql=None, direct=raw, now=self._clock())
+                    try:
+                        yield tx
+                        lazy = tx.early and self._settings.early_dispatch
+                        published = await self._flush_postgres(tx, raw, lazy=lazy)
+                    finally:
+                        self._ended(tx)
+                    # The statement was its own transaction: committed. Before the connection
+                    # goes back to its pool (a few turns of the event loop).
+                    _committed(tx)
+                    if lazy and (tx.inserts or tx.saves or tx.drafts):
+                        # The assignments `_committed` queued are written first; then, on the
+                        # connection at hand, the wait for the disk (see `pg_direct.flush`).
+                        flushing = True
+                        await asyncio.sleep(0)
+                        await pg_direct.flush(raw)
+            except Exception as exc:
+                if not flushing or isinstance(exc, Unavailable):
+                    raise
+                log.warning("could not make sure a commit reached the disk: %s", exc)
+                raise Unavailable(f"the commit was not confirmed on disk: {exc}") from exc
         else:
             began = None
             try:
@@ -211,10 +221,6 @@ class Transactions:
             lazy=lazy,
         )
         return _numbered(tx, last)
-
-    async def _flush(self) -> None:
-        async with self._db.direct() as raw:
-            await pg_direct.flush(raw)
 
     def _ended(self, tx: Tx) -> None:
         """A transaction ended, committed or not."""

@@ -245,7 +245,21 @@ async def write(
 
 
 async def flush(conn: asyncpg.Connection) -> None:
-    """Return once every commit that returned before this call is on disk."""
+    """Return once every commit that returned before this call is on disk.
+
+    Early dispatch: a submission that assigns a job commits without waiting for its flush (a
+    ``lazy`` `write`), the job goes to its worker the moment the statement returns, and only then
+    does the submission wait here, on the same connection, before its submitter and the Console
+    hear of it. Meanwhile the next group commit runs on another connection: the lock on the
+    workspace's sequence row went with the commit. One flush per lazy commit, each a round trip;
+    concurrent ones share the disk's sync, as any commits do.
+
+    Nothing the control plane has acknowledged can be lost. Should the database crash in the
+    fraction of a millisecond between a commit and its flush, a job may have reached a worker that
+    the database then forgets: its submitter gets an error and no job id, and the worker's outcome
+    is refused (the job is unknown). The outcome's own commit waits for its flush, which covers the
+    submission's, so a recorded outcome always has its job.
+    """
     await conn.execute(_FLUSH)
 
 

@@ -8,6 +8,8 @@ import time
 from collections.abc import Awaitable
 from pathlib import Path
 
+import asyncpg
+import grpc
 import pytest
 from harness import JobsClient, RawWorker, running_plane, settings_for
 from ias.v1 import job_pb2
@@ -16,8 +18,8 @@ from ias.v1 import worker_service_pb2 as wpb
 from control_plane.domain.jobs import Job, JobResult, JobStatus
 from control_plane.domain.workers import Event, EventKind
 from control_plane.errors import NotFound, StaleLease
-from control_plane.flushes import Flushes
 from control_plane.queue import JobQueue, NewJob, Recorded, Refill
+from control_plane.store import pg_direct
 from control_plane.transactions import Assignee
 
 
@@ -277,19 +279,21 @@ async def test_an_outcome_claims_the_next_job_for_its_session_in_the_same_transa
 
 @pytest.mark.postgres
 async def test_an_idle_worker_gets_a_job_before_its_submitter_hears_that_it_is_on_disk(
-    tmp_path: Path, pg_url: str
+    tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Early dispatch: the assignment leaves once the submission has committed; the submitter is
     answered only after the flush that puts the commit on disk (held back here)."""
+    disk = asyncio.Event()
+    flushed: list[object] = []
+    real = pg_direct.flush
+
+    async def held_flush(conn: asyncpg.Connection) -> None:
+        await disk.wait()
+        await real(conn)
+        flushed.append(conn)
+
+    monkeypatch.setattr(pg_direct, "flush", held_flush)
     async with running_plane(settings_for(tmp_path, db_url=pg_url)) as cp:
-        disk = asyncio.Event()
-        real = cp.plane.queue.flushes
-
-        async def held_flush() -> None:
-            await disk.wait()
-            await real.wait()
-
-        cp.plane.queue.flushes = Flushes(held_flush)
         w = RawWorker(cp.address, cp.worker)
         await w.hello("w1")
         jobs = JobsClient(cp.address, cp.admin)
@@ -301,15 +305,44 @@ async def test_an_idle_worker_gets_a_job_before_its_submitter_hears_that_it_is_o
         disk.set()
         submitted = await asyncio.wait_for(submit, 10)
         assert submitted.id == assignment.job.id
-        assert cp.plane.queue.flushes.flushes == 1
+        assert len(flushed) == 1
+        await w.close()
+        await jobs.close()
+
+
+@pytest.mark.postgres
+async def test_a_failed_flush_fails_the_submission_it_covers(
+    tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit not known to be on disk is not acknowledged: the submitter gets UNAVAILABLE."""
+
+    async def broken_flush(conn: asyncpg.Connection) -> None:
+        raise asyncpg.exceptions.InternalServerError("could not fsync")
+
+    monkeypatch.setattr(pg_direct, "flush", broken_flush)
+    async with running_plane(settings_for(tmp_path, db_url=pg_url)) as cp:
+        w = RawWorker(cp.address, cp.worker)
+        await w.hello("w1")
+        jobs = JobsClient(cp.address, cp.admin)
+        await asyncio.sleep(0.2)
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await jobs.submit("noop")
+        assert failed.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert "not confirmed on disk" in (failed.value.details() or "")
         await w.close()
         await jobs.close()
 
 
 @pytest.mark.postgres
 async def test_without_early_dispatch_a_submission_commits_to_disk_before_anything_leaves(
-    tmp_path: Path, pg_url: str
+    tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    flushed: list[object] = []
+
+    async def counted_flush(conn: asyncpg.Connection) -> None:
+        flushed.append(conn)
+
+    monkeypatch.setattr(pg_direct, "flush", counted_flush)
     async with running_plane(settings_for(tmp_path, db_url=pg_url, early_dispatch=False)) as cp:
         w = RawWorker(cp.address, cp.worker)
         await w.hello("w1")
@@ -317,6 +350,6 @@ async def test_without_early_dispatch_a_submission_commits_to_disk_before_anythi
         await asyncio.sleep(0.2)
         submitted = await jobs.submit("noop")
         assert (await w.read("assignment")).assignment.job.id == submitted.id
-        assert cp.plane.queue.flushes.flushes == 0  # each commit waited for its own flush
+        assert flushed == []  # the commit waited for its own flush
         await w.close()
         await jobs.close()

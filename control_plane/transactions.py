@@ -162,7 +162,7 @@ class Transactions:
                     finally:
                         self._ended(tx)
                     # The statement was its own transaction: committed. Before the connection
-                    # goes back to its pool (a few turns of the event loop).
+                    # goes back to its pool (a few turns of the event loop), as is what follows.
                     _committed(tx)
                     if lazy and (tx.inserts or tx.saves or tx.drafts):
                         # The assignments `_committed` queued are written first; then, on the
@@ -170,11 +170,15 @@ class Transactions:
                         flushing = True
                         await asyncio.sleep(0)
                         await pg_direct.flush(raw)
+                    flushing = False
+                    # On disk: told before the connection goes back to its pool.
+                    self._told(tx, published)
             except Exception as exc:
                 if not flushing or isinstance(exc, Unavailable):
                     raise
                 log.warning("could not make sure a commit reached the disk: %s", exc)
                 raise Unavailable(f"the commit was not confirmed on disk: {exc}") from exc
+            return
         else:
             began = None
             try:
@@ -188,6 +192,10 @@ class Transactions:
                 if began is not None:
                     self._ended(began)  # after the commit, or the rollback
             _committed(tx)
+        self._told(tx, published)
+
+    def _told(self, tx: Tx, published: list[Event]) -> None:
+        """The transaction is durable: its events go to live subscribers, its hints to the dispatcher."""
         self._hub.publish(published)
         for workspace_id in tx.available:
             self._on_available(workspace_id)

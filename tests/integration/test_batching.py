@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import asyncpg
@@ -15,6 +16,7 @@ from harness import JobsClient, RawWorker, running_plane, settings_for
 from ias.v1 import job_pb2
 from ias.v1 import worker_service_pb2 as wpb
 
+from control_plane.config import ServerSettings
 from control_plane.domain.jobs import Job, JobResult, JobStatus
 from control_plane.domain.workers import Event, EventKind
 from control_plane.errors import NotFound, StaleLease
@@ -277,6 +279,22 @@ async def test_an_outcome_claims_the_next_job_for_its_session_in_the_same_transa
         assert finished_a.occurred_at == assigned_b.occurred_at, "one transaction"
 
 
+@asynccontextmanager
+async def _one_idle_worker(settings: ServerSettings) -> AsyncIterator[tuple[RawWorker, JobsClient]]:
+    """A running plane with one connected worker, known idle, so that a job submitted now is
+    assigned in its submit; and a jobs client."""
+    async with running_plane(settings) as cp:
+        w = RawWorker(cp.address, cp.worker)
+        await w.hello("w1")
+        jobs = JobsClient(cp.address, cp.admin)
+        await asyncio.sleep(0.2)
+        try:
+            yield w, jobs
+        finally:
+            await w.close()
+            await jobs.close()
+
+
 @pytest.mark.postgres
 async def test_an_idle_worker_gets_a_job_before_its_submitter_hears_that_it_is_on_disk(
     tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch
@@ -293,11 +311,7 @@ async def test_an_idle_worker_gets_a_job_before_its_submitter_hears_that_it_is_o
         flushed.append(conn)
 
     monkeypatch.setattr(pg_direct, "flush", held_flush)
-    async with running_plane(settings_for(tmp_path, db_url=pg_url)) as cp:
-        w = RawWorker(cp.address, cp.worker)
-        await w.hello("w1")
-        jobs = JobsClient(cp.address, cp.admin)
-        await asyncio.sleep(0.2)  # the session is known idle: the job goes in its submit
+    async with _one_idle_worker(settings_for(tmp_path, db_url=pg_url)) as (w, jobs):
         submit = asyncio.create_task(jobs.submit("noop"))
         assignment = (await w.read("assignment")).assignment
         await asyncio.sleep(0.1)
@@ -306,8 +320,6 @@ async def test_an_idle_worker_gets_a_job_before_its_submitter_hears_that_it_is_o
         submitted = await asyncio.wait_for(submit, 10)
         assert submitted.id == assignment.job.id
         assert len(flushed) == 1
-        await w.close()
-        await jobs.close()
 
 
 @pytest.mark.postgres
@@ -320,17 +332,11 @@ async def test_a_failed_flush_fails_the_submission_it_covers(
         raise asyncpg.exceptions.InternalServerError("could not fsync")
 
     monkeypatch.setattr(pg_direct, "flush", broken_flush)
-    async with running_plane(settings_for(tmp_path, db_url=pg_url)) as cp:
-        w = RawWorker(cp.address, cp.worker)
-        await w.hello("w1")
-        jobs = JobsClient(cp.address, cp.admin)
-        await asyncio.sleep(0.2)
+    async with _one_idle_worker(settings_for(tmp_path, db_url=pg_url)) as (_, jobs):
         with pytest.raises(grpc.aio.AioRpcError) as failed:
             await jobs.submit("noop")
         assert failed.value.code() is grpc.StatusCode.UNAVAILABLE
         assert "not confirmed on disk" in (failed.value.details() or "")
-        await w.close()
-        await jobs.close()
 
 
 @pytest.mark.postgres
@@ -343,13 +349,7 @@ async def test_without_early_dispatch_a_submission_commits_to_disk_before_anythi
         flushed.append(conn)
 
     monkeypatch.setattr(pg_direct, "flush", counted_flush)
-    async with running_plane(settings_for(tmp_path, db_url=pg_url, early_dispatch=False)) as cp:
-        w = RawWorker(cp.address, cp.worker)
-        await w.hello("w1")
-        jobs = JobsClient(cp.address, cp.admin)
-        await asyncio.sleep(0.2)
+    async with _one_idle_worker(settings_for(tmp_path, db_url=pg_url, early_dispatch=False)) as (w, jobs):
         submitted = await jobs.submit("noop")
         assert (await w.read("assignment")).assignment.job.id == submitted.id
         assert flushed == []  # the commit waited for its own flush
-        await w.close()
-        await jobs.close()

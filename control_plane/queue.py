@@ -194,6 +194,7 @@ class JobQueue(WorkerRecords):
                     tx.on_commit.extend(partial(direct.deliver, job) for job in assigned)
                     tx.early = True
                 tx.on_commit.append(jobs.committed)  # the next batch may commit meanwhile
+                tx.on_durable.append(partial(jobs.answer, stored))
         except BaseException:
             for job in assigned:
                 assert direct is not None

@@ -94,6 +94,9 @@ class Tx:
     # committed, before the commit is on disk; the rest of the transaction's end waits for that
     # (see `store.pg_direct.flush`). Off with ``ServerSettings.early_dispatch``.
     early: bool = False
+    # Run first once the transaction is durable, before its events go out and its connection goes
+    # back to its pool: answers for the callers waiting for it (`group_commit.Batch.answer`).
+    on_durable: list[Callable[[], None]] = field(default_factory=list)
 
     @property
     def conn(self) -> AsyncConnection:
@@ -195,7 +198,10 @@ class Transactions:
         self._told(tx, published)
 
     def _told(self, tx: Tx, published: list[Event]) -> None:
-        """The transaction is durable: its events go to live subscribers, its hints to the dispatcher."""
+        """The transaction is durable: its callers are answered, its events go to live
+        subscribers and its hints to the dispatcher."""
+        for callback in tx.on_durable:
+            callback()
         self._hub.publish(published)
         for workspace_id in tx.available:
             self._on_available(workspace_id)

@@ -129,3 +129,27 @@ async def test_a_batch_that_fails_after_its_commit_is_not_applied_again() -> Non
     with pytest.raises(RuntimeError):
         await batcher(3)  # the batcher goes on with the next request
     assert applied == [[1, 2], [3]]
+
+
+async def test_a_durable_batch_answers_its_callers_before_it_ends() -> None:
+    """`Batch.answer`: the callers go on while the rest of the transaction's end runs; what
+    ``apply`` returns or raises afterwards is neither given again nor applied again."""
+    applied: list[list[int]] = []
+    rest = asyncio.Event()
+
+    async def apply(batch: Batch[int]) -> list[int | Exception]:
+        applied.append(list(batch))
+        batch.answer([StaleLease("stale") if r < 0 else r * 2 for r in batch])
+        await rest.wait()  # the connection's return, say
+        if len(applied) == 1:
+            raise RuntimeError("the connection broke on its way back")
+        return [0 for _ in batch]
+
+    batcher: GroupCommit[int, int] = GroupCommit(apply)
+    answered = await asyncio.wait_for(
+        asyncio.gather(batcher(1), batcher(-1), batcher(3), return_exceptions=True), 1.0
+    )
+    assert answered[0] == 2 and answered[2] == 6 and isinstance(answered[1], StaleLease)
+    rest.set()
+    assert await batcher(4) == 8  # the batcher goes on; the failed rest retried nothing
+    assert applied == [[1, -1, 3], [4]]

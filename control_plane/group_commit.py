@@ -30,6 +30,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from control_plane.errors import Unavailable
@@ -60,7 +61,7 @@ class Batch(list[R]):
         """The transaction is durable: each request gets its result now, one per request as
         ``apply`` returns them, while what is left of the transaction (its events, its
         connection's return) concerns no caller. What ``apply`` returns afterwards is not given
-        again, nor is an error of that rest."""
+        again; an error of that rest is logged, and nothing is applied again."""
         self.is_answered = True
         self._on_answer(results)
 
@@ -72,6 +73,7 @@ class Batch(list[R]):
 
 
 Apply = Callable[[Batch[R]], Awaitable[list[T | Exception]]]
+Then = Callable[[asyncio.Future[T]], None]
 
 
 class GroupCommit(Generic[R, T]):
@@ -80,7 +82,7 @@ class GroupCommit(Generic[R, T]):
     def __init__(self, apply: Apply[R, T], *, max_batch: int = 64) -> None:
         self._apply = apply
         self._max_batch = max_batch
-        self._queue: list[tuple[R, asyncio.Future[T]]] = []
+        self._queue: list[_Waiting[R, T]] = []
         # The task that takes the next batch; a batch that committed hands that role to a new one
         # and finishes its tail (`_tails`) on its own.
         self._flusher: asyncio.Task[None] | None = None
@@ -91,10 +93,14 @@ class GroupCommit(Generic[R, T]):
         """Queue ``request`` and wait for its own result (or exception) after the commit."""
         return await self.enqueue(request)
 
-    def enqueue(self, request: R) -> asyncio.Future[T]:
-        """Queue ``request``; its future gets its own result (or exception) after the commit."""
+    def enqueue(self, request: R, then: Then[T] | None = None) -> asyncio.Future[T]:
+        """Queue ``request``; its future gets its own result (or exception) after the commit.
+
+        ``then`` is called with the future the moment it is settled, or found given up: in that
+        same turn of the event loop, where a callback added to the future runs a turn later.
+        """
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.append((request, future))
+        self._queue.append(_Waiting(request, future, then))
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush(), name="group commit")
         return future
@@ -122,10 +128,10 @@ class GroupCommit(Generic[R, T]):
         me.add_done_callback(self._tails.discard)
         self._flusher = asyncio.create_task(self._flush(), name="group commit") if self._queue else None
 
-    async def _run(self, batch: list[tuple[R, asyncio.Future[T]]], *, overlap: bool = True) -> None:
+    async def _run(self, batch: list[_Waiting[R, T]], *, overlap: bool = True) -> None:
         self.batches += 1
         requests = Batch(
-            [request for request, _ in batch],
+            [waiting.request for waiting in batch],
             self._hand_over if overlap else _stay,
             functools.partial(_settle, batch),
         )
@@ -137,8 +143,11 @@ class GroupCommit(Generic[R, T]):
             _settle(batch, [Unavailable("the control plane is stopping")] * len(batch))
             raise
         except Exception as exc:
-            if len(batch) == 1 or requests.is_committed or requests.is_answered:
-                # What committed is not applied again.
+            if requests.is_answered:
+                # Its callers have their results; no one else would hear of this.
+                log.warning("a group commit failed after answering its callers: %r", exc)
+                return
+            if len(batch) == 1 or requests.is_committed:  # what committed is not applied again
                 _settle(batch, [exc] * len(batch))
                 return
             log.warning("a group commit of %d failed (%s); retrying one by one", len(batch), exc)
@@ -152,11 +161,23 @@ def _stay() -> None:
     pass
 
 
-def _settle(batch: Sequence[tuple[object, asyncio.Future[T]]], results: Sequence[T | Exception]) -> None:
-    for (_, future), result in zip(batch, results, strict=True):
-        if future.done():  # the caller gave up waiting; what was committed stays committed
-            continue
-        if isinstance(result, Exception):
-            future.set_exception(result)
-        else:
-            future.set_result(result)
+@dataclass(slots=True)
+class _Waiting(Generic[R, T]):
+    """A queued request, the future its caller waits on, and what to call once that is settled."""
+
+    request: R
+    future: asyncio.Future[T]
+    then: Then[T] | None
+
+
+def _settle(batch: Sequence[_Waiting[Any, T]], results: Sequence[T | Exception]) -> None:
+    for waiting, result in zip(batch, results, strict=True):
+        future = waiting.future
+        if not future.done():  # done: the caller gave up; what was committed stays committed
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+        then, waiting.then = waiting.then, None  # once, though a batch may be settled twice
+        if then is not None:
+            then(future)

@@ -19,7 +19,7 @@ from control_plane.domain import jobs as jobs_domain
 from control_plane.domain.jobs import Job, JobResult, JobStatus
 from control_plane.domain.workers import Event, EventKind, Worker
 from control_plane.errors import IasError, InvalidArgument, StaleLease
-from control_plane.group_commit import Batch, GroupCommit
+from control_plane.group_commit import Batch, GroupCommit, Then
 from control_plane.ids import new_id
 from control_plane.store import events as events_store
 from control_plane.store import jobs as jobs_store
@@ -116,16 +116,19 @@ class JobQueue(WorkerRecords):
             return await self._submits(job), False
         return await self._submit_once(job)
 
-    def submit_soon(self, *, workspace_id: str, new: NewJob) -> asyncio.Future[Job]:
+    def submit_soon(
+        self, *, workspace_id: str, new: NewJob, then: Then[Job] | None = None
+    ) -> asyncio.Future[Job]:
         """Queue a submission without an idempotency key for the next group commit; the future
-        holds the stored job once committed. Refuses a bad submission at once (`InvalidArgument`).
+        holds the stored job once committed, and ``then`` is called with it in that same turn
+        (see `GroupCommit.enqueue`). Refuses a bad submission at once (`InvalidArgument`).
 
         For a caller with many submissions under way (a SubmitJobs stream), a future costs less
         than a task per job waiting in `submit`.
         """
         if new.idempotency_key:
             raise ValueError("a submission with an idempotency key goes through submit()")
-        return self._submits.enqueue(self._new_job(workspace_id, new))
+        return self._submits.enqueue(self._new_job(workspace_id, new), then)
 
     def _new_job(self, workspace_id: str, new: NewJob) -> Job:
         _validate(new)

@@ -101,8 +101,9 @@ class JobServicer(jpb_grpc.JobServiceServicer):
     ) -> asyncio.Future[Any] | None:
         """Start one submission; what is under way until its result is added (None: added now).
 
-        A job without an idempotency key goes to the next group commit as a future whose callback
-        adds the result, with no task of its own; one with a key runs its own transaction.
+        A job without an idempotency key goes to the next group commit as a future, with no task
+        of its own, and its result is added the moment it commits; one with a key runs its own
+        transaction.
         """
         seq = submission.seq
         if not submission.HasField("job"):
@@ -111,12 +112,15 @@ class JobServicer(jpb_grpc.JobServiceServicer):
         if submission.job.idempotency_key:
             return asyncio.create_task(self._submit_one(workspace_id, submission, results))
         try:
-            committed = self._queue.submit_soon(workspace_id=workspace_id, new=_new_job(submission.job))
+            return self._queue.submit_soon(
+                workspace_id=workspace_id,
+                new=_new_job(submission.job),
+                # Added the moment it commits, a turn sooner than the future's own callbacks run.
+                then=functools.partial(_add_committed, seq, results),
+            )
         except IasError as exc:
             results.add(_refused(seq, code_for(exc), exc.message))
             return None
-        committed.add_done_callback(functools.partial(_add_committed, seq, results))
-        return committed
 
     async def _submit_one(self, workspace_id: str, submission: jpb.Submission, results: _Results) -> None:
         seq = submission.seq

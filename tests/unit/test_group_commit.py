@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 
@@ -131,7 +131,7 @@ async def test_a_batch_that_fails_after_its_commit_is_not_applied_again() -> Non
     assert applied == [[1, 2], [3]]
 
 
-async def test_a_durable_batch_answers_its_callers_before_it_ends() -> None:
+async def test_a_durable_batch_answers_its_callers_before_it_ends(caplog: pytest.LogCaptureFixture) -> None:
     """`Batch.answer`: the callers go on while the rest of the transaction's end runs; what
     ``apply`` returns or raises afterwards is neither given again nor applied again."""
     applied: list[list[int]] = []
@@ -153,3 +153,33 @@ async def test_a_durable_batch_answers_its_callers_before_it_ends() -> None:
     rest.set()
     assert await batcher(4) == 8  # the batcher goes on; the failed rest retried nothing
     assert applied == [[1, -1, 3], [4]]
+    assert "failed after answering its callers" in caplog.text
+
+
+async def test_then_runs_once_in_the_turn_its_future_is_settled() -> None:
+    seen: list[tuple[int, object]] = []
+
+    async def apply(batch: Batch[int]) -> list[int | Exception]:
+        batch.answer([r * 2 for r in batch])
+        # In the same turn as the answer, before any callback the futures scheduled.
+        assert seen == [(1, 2), (2, 4)]
+        await asyncio.sleep(0)
+        return [0 for _ in batch]  # settled again: not given, and ``then`` not called again
+
+    def then(n: int) -> Callable[[asyncio.Future[int]], None]:
+        return lambda future: seen.append((n, future.result()))
+
+    batcher: GroupCommit[int, int] = GroupCommit(apply)
+    futures = [batcher.enqueue(n, then(n)) for n in (1, 2)]
+    assert await asyncio.gather(*futures) == [2, 4]
+    await asyncio.sleep(0.01)
+    assert seen == [(1, 2), (2, 4)]
+
+
+async def test_then_is_called_for_a_caller_that_gave_up() -> None:
+    seen: list[bool] = []
+    batcher: GroupCommit[int, int] = GroupCommit(Recorder())
+    future = batcher.enqueue(1, lambda f: seen.append(f.cancelled()))
+    future.cancel()
+    assert await batcher(2) == 4  # the same batch, committed
+    assert seen == [True]

@@ -51,6 +51,12 @@ class FanoutResult:
                 "p99 ≤ 25",
                 m["p99_ms"] is not None and m["p99_ms"] <= 25,
             ),
+            f"{head}: transaction's start → received p50 / p99 / max (ms)": _ms(
+                m, "start_p50_ms", "start_p99_ms", "start_max_ms"
+            ),
+            f"{head}: events received without a commit time (read back from the log)": str(
+                m["without_commit_time"]
+            ),
             f"{head}: streams with a gap or duplicate / still behind": (
                 f"{m['streams_with_faults']} / {m['streams_behind']}"
             ),

@@ -210,6 +210,12 @@ METHOD = """\
   job = server CPU seconds in the throughput run / jobs.
 - PostgreSQL write transactions = transaction ids assigned during the measured interval
   (`pg_current_snapshot()` xmax), divided by the jobs; background loops add about one a second.
+- Fan-out = an event's receipt by a watcher (`time.time()`) minus its `committed_at`, which the
+  server takes (`time.time()`) the moment the event's transaction has committed, as for dispatch
+  latency; the event goes out only once that commit is on disk, so the wait for the disk is in
+  the figure. "Transaction's start" starts instead at its `occurred_at`, taken as the transaction
+  began. Events a watcher gets read back from the log (filling a gap) carry no commit time and
+  are counted apart; the dropped and resumed watcher is not measured.
 """
 
 

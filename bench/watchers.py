@@ -2,11 +2,12 @@
 this process (kept apart from the driver so that receiving does not compete with submitting).
 
 Prints ``ready`` once every stream is open, runs until a line ``stop`` on stdin and every stream has
-caught up with the newest event (at most ``CATCH_UP_LIMIT_S``), then prints one JSON
-object: delivery latency (receive time minus ``occurred_at``) over the events that occurred after
-``ready``, and per stream whether its sequence numbers had a gap or a duplicate. Stream 0 is dropped
-after ``DROP_AFTER_S`` seconds and resumes with ``since_seq`` = the last it saw. The streams ask for
-coalesced responses, as the Console does, so one response may carry several events.
+caught up with the newest event (at most ``CATCH_UP_LIMIT_S``), then prints one JSON object:
+delivery latency (receive time minus the event's ``committed_at``, and minus its ``occurred_at``,
+when its transaction began) over the events that occurred after ``ready``, and per stream whether
+its sequence numbers had a gap or a duplicate. Stream 0 is dropped after ``DROP_AFTER_S`` seconds
+and resumes with ``since_seq`` = the last it saw. The streams ask for coalesced responses, as the
+Console does, so one response may carry several events.
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ CATCH_UP_LIMIT_S: Final = 60.0
 class Stream:
     seqs: list[int] = field(default_factory=list)
     responses: int = 0
-    latencies_ms: list[float] = field(default_factory=list)
+    latencies_ms: list[float] = field(default_factory=list)  # from the commit
+    from_start_ms: list[float] = field(default_factory=list)  # from the transaction's start
+    uncommitted: int = 0  # measured events without a commit time (read back from the log)
     resumed: bool = False
     measured: bool = True  # the dropped stream's catch-up after resuming is not delivery latency
 
@@ -66,7 +69,11 @@ async def watch(
             occurred = event.occurred_at.ToNanoseconds() / 1e9
             stream.seqs.append(event.seq)
             if stream.measured and measure_from and occurred >= measure_from[0]:
-                stream.latencies_ms.append((now - occurred) * 1000)
+                stream.from_start_ms.append((now - occurred) * 1000)
+                if event.HasField("committed_at"):
+                    stream.latencies_ms.append((now - event.committed_at.ToNanoseconds() / 1e9) * 1000)
+                else:
+                    stream.uncommitted += 1
 
 
 async def dropped_then_resumed(
@@ -127,13 +134,19 @@ async def _caught_up(streams: list[Stream]) -> float:
 def _summary(streams: list[Stream], cpu_pct: float) -> dict[str, Any]:
     latencies = [ms for s in streams for ms in s.latencies_ms]
     lat = summarise(latencies) if latencies else None
+    from_start = [ms for s in streams for ms in s.from_start_ms]
+    start = summarise(from_start) if from_start else None
     faults = [s.faults() for s in streams]
     last = [s.seqs[-1] if s.seqs else 0 for s in streams]
     return {
         "p50_ms": lat.p50 if lat else None,
         "p99_ms": lat.p99 if lat else None,
         "max_ms": lat.max if lat else None,
-        "deliveries": len(latencies),
+        "start_p50_ms": start.p50 if start else None,
+        "start_p99_ms": start.p99 if start else None,
+        "start_max_ms": start.max if start else None,
+        "deliveries": len(from_start),
+        "without_commit_time": sum(s.uncommitted for s in streams),
         "events_per_response": sum(len(s.seqs) for s in streams) / max(sum(s.responses for s in streams), 1),
         "streams_with_faults": sum(1 for g, d in faults if g or d),
         "streams_behind": sum(1 for x in last if x < max(last)),

@@ -202,7 +202,7 @@ class Transactions:
         subscribers and its hints to the dispatcher."""
         for callback in tx.on_durable:
             callback()
-        self._hub.publish(published)
+        self._hub.publish(published, tx.committed_at)
         for workspace_id in tx.available:
             self._on_available(workspace_id)
 

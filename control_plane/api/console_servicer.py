@@ -91,7 +91,9 @@ class ConsoleServicer(cpb_grpc.ConsoleServiceServicer):
         """The event converted once, however many subscribers receive it."""
         key = (event.workspace_id, event.seq)
         converted = self._converted.get(key)
-        if converted is None:
+        # An event read back from the log before its live copy came has no commit time: the
+        # live one replaces it.
+        if converted is None or (event.committed_at and not converted.event.HasField("committed_at")):
             pb = convert.event_to_pb(event)
             response = cpb.WatchResponse(event=pb)
             converted = _Converted(seq=event.seq, event=pb, response=response, size=pb.ByteSize())

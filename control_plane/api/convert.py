@@ -182,6 +182,8 @@ def event_to_pb(event: Event) -> event_pb2.Event:
         occurred_at=timestamp(event.occurred_at),
         reason=event.reason,
     )
+    if event.committed_at:
+        pb.committed_at.CopyFrom(unix_timestamp(event.committed_at))
     if event.job is not None:
         pb.job.CopyFrom(job_to_pb(event.job))
     if event.worker is not None:

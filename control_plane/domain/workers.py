@@ -59,3 +59,6 @@ class Event:
     job: Job | None = None
     worker: Worker | None = None
     reason: str = ""
+    # When this replica knew the event's transaction had committed (`time.time()`); 0.0 for an
+    # event read from the log. Only the live fan-out sets it (`EventHub.publish`).
+    committed_at: float = 0.0

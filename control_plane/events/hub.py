@@ -17,6 +17,7 @@ import logging
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import replace
 
 from control_plane.domain.workers import Event
 from control_plane.events.pacing import Pacer
@@ -169,11 +170,14 @@ class EventHub:
                 if feed.catching_up is not None:
                     feed.catching_up.cancel()
 
-    def publish(self, events: Sequence[Event]) -> None:
-        """Hand over events this replica just committed."""
+    def publish(self, events: Sequence[Event], committed_at: float = 0.0) -> None:
+        """Hand over events this replica just committed, at ``committed_at`` (`time.time()`; 0.0:
+        not known), which the events subscribers receive carry."""
         by_workspace: dict[str, list[Event]] = {}
         for event in events:
             if event.workspace_id in self._feeds:
+                if committed_at:
+                    event = replace(event, committed_at=committed_at)
                 by_workspace.setdefault(event.workspace_id, []).append(event)
         for workspace_id, mine in by_workspace.items():
             feed = self._feeds[workspace_id]

@@ -54,6 +54,7 @@ def test_smoke_run_reports_every_scenario(tmp_path: Path) -> None:
         "kill -9 of a worker holding a job: worker shown offline (s)",
         "kill -9 of a worker holding a job: job runs elsewhere (s)",
         "fan-out 3 watchers: commit → received p50 / p99 / max (ms)",
+        "fan-out 3 watchers: transaction's start → received p50 / p99 / max (ms)",
     ):
         assert NUMBER.match(_cell(report, metric)), f"{metric} has no figure:\n{report}"
     assert _cell(report, "jobs done exactly once @ 4 workers, 2 submitters") == "100/100"

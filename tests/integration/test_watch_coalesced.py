@@ -56,6 +56,24 @@ async def test_live_events_arrive_in_order_in_either_form(tmp_path: Path, db_url
         await jobs.close()
 
 
+async def test_live_events_carry_their_commit_time_and_replayed_ones_none(
+    tmp_path: Path, db_url: str
+) -> None:
+    async with running_plane(settings_for(tmp_path, db_url=db_url)) as cp:
+        jobs = JobsClient(cp.address, cp.admin)
+        await jobs.submit("noop")
+        watcher = Watcher(jobs.channel, cp.admin)
+        (replayed,) = await watcher.read(1)
+        assert not replayed.HasField("committed_at"), "an event read from the log has no commit time"
+        await _submit(jobs, 5)
+        live = await watcher.read(5)
+        for event in live:
+            assert event.HasField("committed_at")
+            assert event.committed_at.ToNanoseconds() >= event.occurred_at.ToNanoseconds()
+        watcher.close()
+        await jobs.close()
+
+
 async def test_a_dropped_stream_resumes_with_no_gap_and_no_duplicate(tmp_path: Path, db_url: str) -> None:
     async with running_plane(settings_for(tmp_path, db_url=db_url)) as cp:
         jobs = JobsClient(cp.address, cp.admin)

@@ -26,15 +26,15 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from ias.v1 import job_pb2 as ias_dot_v1_dot_job__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12ias/v1/event.proto\x12\x06ias.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x10ias/v1/job.proto\"\xc6\x01\n\x05\x45vent\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x14\n\x0cworkspace_id\x18\x02 \x01(\t\x12\x1f\n\x04kind\x18\x03 \x01(\x0e\x32\x11.ias.v1.EventKind\x12/\n\x0boccurred_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x03job\x18\x05 \x01(\x0b\x32\x0b.ias.v1.Job\x12\x1e\n\x06worker\x18\x06 \x01(\x0b\x32\x0e.ias.v1.Worker\x12\x0e\n\x06reason\x18\x07 \x01(\t*\x9c\x02\n\tEventKind\x12\x1a\n\x16\x45VENT_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x45VENT_KIND_JOB_SUBMITTED\x10\x01\x12\x1b\n\x17\x45VENT_KIND_JOB_ASSIGNED\x10\x02\x12\x1b\n\x17\x45VENT_KIND_JOB_PROGRESS\x10\x03\x12\x1b\n\x17\x45VENT_KIND_JOB_FINISHED\x10\x04\x12\x1b\n\x17\x45VENT_KIND_JOB_REQUEUED\x10\x05\x12\x1c\n\x18\x45VENT_KIND_JOB_CANCELLED\x10\x06\x12\x1f\n\x1b\x45VENT_KIND_WORKER_CONNECTED\x10\x07\x12\"\n\x1e\x45VENT_KIND_WORKER_DISCONNECTED\x10\x08\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12ias/v1/event.proto\x12\x06ias.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x10ias/v1/job.proto\"\xf8\x01\n\x05\x45vent\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x14\n\x0cworkspace_id\x18\x02 \x01(\t\x12\x1f\n\x04kind\x18\x03 \x01(\x0e\x32\x11.ias.v1.EventKind\x12/\n\x0boccurred_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x03job\x18\x05 \x01(\x0b\x32\x0b.ias.v1.Job\x12\x1e\n\x06worker\x18\x06 \x01(\x0b\x32\x0e.ias.v1.Worker\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x30\n\x0c\x63ommitted_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\x9c\x02\n\tEventKind\x12\x1a\n\x16\x45VENT_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x45VENT_KIND_JOB_SUBMITTED\x10\x01\x12\x1b\n\x17\x45VENT_KIND_JOB_ASSIGNED\x10\x02\x12\x1b\n\x17\x45VENT_KIND_JOB_PROGRESS\x10\x03\x12\x1b\n\x17\x45VENT_KIND_JOB_FINISHED\x10\x04\x12\x1b\n\x17\x45VENT_KIND_JOB_REQUEUED\x10\x05\x12\x1c\n\x18\x45VENT_KIND_JOB_CANCELLED\x10\x06\x12\x1f\n\x1b\x45VENT_KIND_WORKER_CONNECTED\x10\x07\x12\"\n\x1e\x45VENT_KIND_WORKER_DISCONNECTED\x10\x08\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ias.v1.event_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EVENTKIND']._serialized_start=283
-  _globals['_EVENTKIND']._serialized_end=567
+  _globals['_EVENTKIND']._serialized_start=333
+  _globals['_EVENTKIND']._serialized_end=617
   _globals['_EVENT']._serialized_start=82
-  _globals['_EVENT']._serialized_end=280
+  _globals['_EVENT']._serialized_end=330
 # @@protoc_insertion_point(module_scope)

@@ -80,6 +80,7 @@ class Event(_message.Message):
     JOB_FIELD_NUMBER: _builtins.int
     WORKER_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    COMMITTED_AT_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     """Position in the workspace's log: starts at 1, increases by one, no gaps."""
     workspace_id: _builtins.str
@@ -90,7 +91,7 @@ class Event(_message.Message):
     """Why it happened, where there is a reason (for example "lease_expired")."""
     @_builtins.property
     def occurred_at(self) -> _timestamp_pb2.Timestamp:
-        """When it was committed, by the server's clock."""
+        """When the change was made, by the server's clock: as its transaction began, before the commit."""
 
     @_builtins.property
     def job(self) -> _job_pb2.Job:
@@ -99,6 +100,13 @@ class Event(_message.Message):
     @_builtins.property
     def worker(self) -> _job_pb2.Worker:
         """The worker after the change, for worker events."""
+
+    @_builtins.property
+    def committed_at(self) -> _timestamp_pb2.Timestamp:
+        """When the replica that made the change knew its transaction had committed, by that server's
+        clock. Set on events a live Watch stream delivers from that replica; unset on events read back
+        from the log (a replay, another replica's events).
+        """
 
     def __init__(
         self,
@@ -110,10 +118,11 @@ class Event(_message.Message):
         job: _job_pb2.Job | None = ...,
         worker: _job_pb2.Worker | None = ...,
         reason: _builtins.str = ...,
+        committed_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "occurred_at", b"occurred_at", "worker", b"worker"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["committed_at", b"committed_at", "job", b"job", "occurred_at", b"occurred_at", "worker", b"worker"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "kind", b"kind", "occurred_at", b"occurred_at", "reason", b"reason", "seq", b"seq", "worker", b"worker", "workspace_id", b"workspace_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed_at", b"committed_at", "job", b"job", "kind", b"kind", "occurred_at", b"occurred_at", "reason", b"reason", "seq", b"seq", "worker", b"worker", "workspace_id", b"workspace_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

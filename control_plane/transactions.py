@@ -10,6 +10,7 @@ waited for the commit runs and the events go to live subscribers. Claims read pe
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import sqlite3
 import time
@@ -131,6 +132,9 @@ class Transactions:
         self._statistics = Statistics()
         # Pending jobs that a transaction of this replica read to claim and has not ended yet.
         self._claiming: set[str] = set()
+        # For each claim read in flight, the marks taken off meanwhile (see `_take_pending`).
+        self._unmarked: dict[int, set[str]] = {}
+        self._reads = itertools.count()
 
     @property
     def db(self) -> Database:
@@ -239,6 +243,8 @@ class Transactions:
     def _ended(self, tx: Tx) -> None:
         """A transaction ended, committed or not."""
         self._claiming.difference_update(tx.claiming)
+        for unmarked in self._unmarked.values():
+            unmarked.update(tx.claiming)
         if tx.quiet and self.peers is not None:
             self.peers.quiet_done({*tx.drafts, *tx.available})
 
@@ -302,17 +308,25 @@ class Transactions:
         third of the outcome batches did. A read asks for as many more jobs as are marked and as
         its claims want together. Reads in flight together cannot see each other's marks; when
         the marks hid so many jobs that a read may have missed some, it is made again (bounded).
+        A mark taken off while a read is in flight still holds for that read: its snapshot may
+        predate the commit that took the job.
         """
         demand = sum(n for *_, n in claims)  # claims of one read may want the same jobs
         for attempt in range(CLAIM_READS):
             extra = len(self._claiming) + demand
             wider = [(ws, types, repos, extra) for ws, types, repos, _ in claims]
-            found = await read(wider)
+            unmarked: set[str] = set()
+            self._unmarked[token := next(self._reads)] = unmarked
+            try:
+                found = await read(wider)
+            finally:
+                del self._unmarked[token]
             taken: list[list[Job]] = []
             ids: set[str] = set()
             short = False
+            hidden = self._claiming | unmarked if unmarked else self._claiming
             for jobs, (*_, n), (*_, asked) in zip(found, claims, wider, strict=True):
-                free = [job for job in jobs if job.id not in self._claiming and job.id not in ids][:n]
+                free = [job for job in jobs if job.id not in hidden and job.id not in ids][:n]
                 short = short or (len(free) < n and len(jobs) == asked)
                 ids.update(job.id for job in free)
                 taken.append(free)

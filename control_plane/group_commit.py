@@ -49,7 +49,7 @@ class Batch(list[R]):
         self,
         requests: list[R],
         on_committed: Callable[[], None],
-        on_answer: Callable[[Sequence[Any]], None] = lambda _: None,
+        on_answer: Callable[[Sequence[Any]], None],
     ) -> None:
         super().__init__(requests)
         self._on_committed = on_committed

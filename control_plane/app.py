@@ -165,10 +165,13 @@ async def build(settings: ServerSettings) -> ControlPlane:
     db = await open_database(settings, serving=True)
     authority = await token_authority(db)
     sessions = SessionRegistry()
-    # The hub reads the log through the queue and the queue wakes the dispatcher: closures resolve
-    # the names below when first called, after all three exist.
+    # The hub reads the log through the queue and counts calls through the interceptor, and the
+    # queue wakes the dispatcher: closures resolve the names below when first called, after all
+    # of them exist.
     hub = EventHub(
-        read_since=lambda ws, seq: queue.events_since(ws, seq), last_seq=lambda ws: queue.last_seq(ws)
+        read_since=lambda ws, seq: queue.events_since(ws, seq),
+        last_seq=lambda ws: queue.last_seq(ws),
+        calls_taken=lambda: interceptor.calls_taken,
     )
     queue = JobQueue(db=db, hub=hub, settings=settings, on_available=lambda ws: dispatcher.wake(ws))
     dispatcher = Dispatcher(queue=queue, sessions=sessions)
@@ -176,7 +179,8 @@ async def build(settings: ServerSettings) -> ControlPlane:
     await queue.ensure_workspace(settings.default_workspace)
     maintenance = Maintenance(queue=queue, sessions=sessions, dispatcher=dispatcher, settings=settings)
 
-    server = grpc.aio.server(interceptors=[AuthInterceptor(authority)], options=_server_options(settings))
+    interceptor = AuthInterceptor(authority)
+    server = grpc.aio.server(interceptors=[interceptor], options=_server_options(settings))
     workers = WorkerServicer(
         queue=queue, sessions=sessions, dispatcher=dispatcher, maintenance=maintenance, settings=settings
     )

@@ -42,10 +42,15 @@ def _authenticate(authority: TokenAuthority, method: str, metadata: Any) -> Prin
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Verifies ``authorization: Bearer ias_...`` on every non-public RPC."""
+    """Verifies ``authorization: Bearer ias_...`` on every non-public RPC.
+
+    It sees every call the server takes from gRPC's core, public ones too, and counts them
+    (`calls_taken`): the fan-out's pacing reads the count.
+    """
 
     def __init__(self, authority: TokenAuthority) -> None:
         self._authority = authority
+        self.calls_taken = 0
         # method → (the servicer's handler, its wrapper): one wrapper per method, not per call.
         self._wrapped: dict[str, tuple[Any, Any]] = {}
 
@@ -54,6 +59,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Any:
+        self.calls_taken += 1
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
         if handler is None or method.startswith(_PUBLIC):

@@ -144,11 +144,14 @@ class _Feed:
 class EventHub:
     """One feed per watched workspace; workspaces nobody watches cost nothing."""
 
-    def __init__(self, *, read_since: ReadSince, last_seq: LastSeq) -> None:
+    def __init__(
+        self, *, read_since: ReadSince, last_seq: LastSeq, calls_taken: Callable[[], int] | None = None
+    ) -> None:
+        """``calls_taken``: how many calls the server has taken so far, for the pacing."""
         self._read_since = read_since
         self._last_seq = last_seq
         self._feeds: dict[str, _Feed] = {}
-        self._pacer = Pacer()
+        self._pacer = Pacer(calls_taken=calls_taken)
 
     @asynccontextmanager
     async def subscribe(self, workspace_id: str) -> AsyncIterator[Subscription]:

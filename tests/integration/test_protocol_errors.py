@@ -191,6 +191,23 @@ async def test_credentials_are_checked_on_every_call(tmp_path: Path) -> None:
         await channel.close()
 
 
+async def test_every_call_taken_is_counted_for_the_pacing_refused_and_public_ones_too(tmp_path: Path) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async with running_plane(settings_for(tmp_path)) as cp:
+        calls_taken = cp.plane.hub._pacer.calls_taken
+        assert calls_taken is not None
+        channel = open_channel(cp.address)
+        before = calls_taken()
+        stub = jpb_grpc.JobServiceStub(channel)
+        await stub.ListJobs(jpb.ListJobsRequest(), metadata=bearer(cp.admin))
+        with pytest.raises(grpc.aio.AioRpcError):
+            await stub.ListJobs(jpb.ListJobsRequest(), metadata=bearer(cp.worker))
+        await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
+        assert calls_taken() - before == 3
+        await channel.close()
+
+
 async def test_watch_resumes_from_since_seq_with_no_gap_and_no_duplicate(tmp_path: Path) -> None:
     async with running_plane(settings_for(tmp_path)) as cp:
         jobs = JobsClient(cp.address, cp.admin)

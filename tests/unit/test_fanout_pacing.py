@@ -1,6 +1,7 @@
 """Pacer: while the event loop's turns are long, subscribers keep a gap between responses, so
 gRPC's core gets its calls taken; with short turns there is no gap, and nobody watching costs no
-timer. A paced subscriber gets what arrived during its gap in one batch."""
+timer. The gap grows past a few milliseconds only while calls come about as fast as grpc.aio can
+take them. A paced subscriber gets what arrived during its gap in one batch."""
 
 from __future__ import annotations
 
@@ -32,10 +33,13 @@ async def _until(condition: Callable[[], bool], what: str) -> None:
 
 
 class LongTurns:
-    """Keeps every turn of the loop at least ``turn_s`` long, as a crowd of ready tasks would."""
+    """Keeps every turn of the loop at least ``turn_s`` long, as a crowd of ready tasks would, and
+    counts ``calls_per_turn`` calls taken in each."""
 
-    def __init__(self, turn_s: float) -> None:
+    def __init__(self, turn_s: float, *, calls_per_turn: int = 0) -> None:
         self.turn_s = turn_s
+        self.calls_per_turn = calls_per_turn
+        self.calls = 0
         self.running = True
 
     def start(self) -> None:
@@ -44,20 +48,53 @@ class LongTurns:
     def _turn(self) -> None:
         if self.running:
             time.sleep(self.turn_s)
+            self.calls += self.calls_per_turn
             asyncio.get_running_loop().call_soon(self._turn)
 
 
-async def test_long_turns_open_a_gap_up_to_the_ceiling_and_short_ones_close_it() -> None:
-    pacer = Pacer()
+async def test_long_turns_with_calls_coming_fast_open_the_full_gap_and_short_ones_close_it() -> None:
+    load = LongTurns(4 * pacing.TARGET_S, calls_per_turn=1)  # 500 calls a second: saturated
+    pacer = Pacer(calls_taken=lambda: load.calls)
     pacer.acquire()
-    load = LongTurns(4 * pacing.TARGET_S)
     try:
         load.start()
         await _until(lambda: pacer.gap >= pacing.CEILING_S, "the gap reaches its ceiling")
         assert pacer.gap == pacing.CEILING_S
+        assert pacer.intake_load >= pacing.SATURATED
         load.running = False
         await _until(lambda: pacer.gap == 0.0, "the gap closes")
         assert pacer.turn_s < pacing.TARGET_S
+    finally:
+        load.running = False
+        pacer.release()
+
+
+async def test_long_turns_with_calls_taken_as_they_come_keep_the_gap_under_the_soft_ceiling() -> None:
+    load = LongTurns(4 * pacing.TARGET_S)  # a busy machine, but no call waits
+    pacer = Pacer(calls_taken=lambda: load.calls)
+    pacer.acquire()
+    try:
+        load.start()
+        await _until(lambda: pacer.gap >= pacing.SOFT_CEILING_S, "the gap reaches the soft ceiling")
+        await asyncio.sleep(40 * pacing.SAMPLE_PERIOD_S)  # more than the way to the full ceiling
+        assert pacer.gap == pacing.SOFT_CEILING_S
+        assert pacer.turn_s > pacing.TARGET_S and pacer.intake_load < pacing.SATURATED
+    finally:
+        load.running = False
+        pacer.release()
+
+
+async def test_a_wide_gap_narrows_to_the_soft_ceiling_once_calls_slow_down() -> None:
+    load = LongTurns(4 * pacing.TARGET_S, calls_per_turn=1)
+    pacer = Pacer(calls_taken=lambda: load.calls)
+    pacer.acquire()
+    try:
+        load.start()
+        await _until(lambda: pacer.gap >= pacing.CEILING_S, "the gap reaches its ceiling")
+        load.calls_per_turn = 0  # the turns stay long
+        await _until(lambda: pacer.gap <= pacing.SOFT_CEILING_S, "the gap narrows")
+        await asyncio.sleep(10 * pacing.SAMPLE_PERIOD_S)
+        assert 0.0 < pacer.gap <= pacing.SOFT_CEILING_S
     finally:
         load.running = False
         pacer.release()

@@ -79,6 +79,7 @@ class Pacer:
                 self._timer.cancel()
                 self._timer = None
             self.turn_s = self.calls_per_s = self.gap = 0.0
+            self._counted = (0.0, 0)  # the next user's first sample starts the count afresh
 
     @property
     def intake_load(self) -> float:
